@@ -1,0 +1,32 @@
+// Schemas of every op, defined once and compiled into both libraries: `vse_cuda` (_C)
+// and the test-only `vse_simt` (_simt), so the two can never drift apart.
+// Kernels register themselves next to their code (csrc/cpu/*.cpp, csrc/cuda/*.cu).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(VSE_OPS_NAMESPACE, m) {
+  // Streaming top-k of queries·keysᵀ per query row; keys whose label equals the query's
+  // label are skipped (labels of size 0 = no labels). Ties: lowest key index first.
+  m.def(
+      "topk_similar(Tensor queries, Tensor keys, int k, Tensor query_labels, "
+      "Tensor key_labels, int row_chunk, int col_chunk) -> (Tensor values, Tensor indices)");
+}
+
+// `import vse_cuda._C` (or `_simt`) dlopens the library, which runs the registrations above.
+#define VSE_CONCAT_(a, b) a##b
+#define VSE_CONCAT(a, b) VSE_CONCAT_(a, b)
+#if defined(VSE_SIMT)
+#define VSE_MODULE_NAME _simt
+#else
+#define VSE_MODULE_NAME _C
+#endif
+#define VSE_STR_(x) #x
+#define VSE_STR(x) VSE_STR_(x)
+
+extern "C" PyObject* VSE_CONCAT(PyInit_, VSE_MODULE_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, VSE_STR(VSE_MODULE_NAME), nullptr, -1,
+                               nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}

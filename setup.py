@@ -1,0 +1,134 @@
+"""Build driver for vse_cuda: runs CMakeLists.txt (the one source of truth for sources and flags).
+
+Environment switches:
+  VSE_CUDA=auto|0|1   compile the CUDA kernels with nvcc: auto (default) when a toolkit is found,
+                      0 forces a CPU-only build (fast local loop), 1 requires CUDA (CI)
+  VSE_SIMT=1|0        build the test-only SIMT library `_simt` (default 1)
+  VSE_SANITIZE=...    sanitizers for `_simt`, e.g. "address,undefined"
+  CUDA_HOME           toolkit root; default /usr/local/cuda, else found from the real nvcc
+  TORCH_CUDA_ARCH_LIST  e.g. "8.0;9.0" (the default)
+  MAX_JOBS            parallel compile jobs (default: number of cores)
+
+Install without build isolation, so the build uses the PyTorch already installed instead of
+downloading a second copy:  pip install --no-build-isolation -e .
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class BuildError(SystemExit):
+    """A build problem explained in one sentence instead of a traceback."""
+
+    def __init__(self, sentence: str):
+        super().__init__(f"vse_cuda build: {sentence}")
+
+
+def find_cuda_home() -> Path | None:
+    """The CUDA toolkit root, or None. The nvcc on PATH may be a wrapper script, so the
+    root is the folder whose bin/nvcc sits next to include/cuda_runtime.h."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    for candidate in filter(None, candidates):
+        root = Path(candidate)
+        if (root / "bin" / "nvcc").exists() and (root / "include" / "cuda_runtime.h").exists():
+            return root
+    return None
+
+
+def cuda_architectures() -> str:
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = [a.strip().replace(".", "").replace("+PTX", "") for a in arch_list.replace(" ", ";").split(";")]
+    return ";".join(a for a in archs if a)
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        if shutil.which("cmake") is None:
+            raise BuildError("cmake was not found on PATH; install it (pip install cmake or apt install cmake).")
+        if shutil.which(os.environ.get("CXX", "g++")) is None:
+            raise BuildError("no C++ compiler found; install g++ (apt install g++) or set CXX.")
+        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        args = [
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DVSE_OUTPUT_DIR={output_dir}",
+            f"-DVSE_WITH_SIMT={'OFF' if os.environ.get('VSE_SIMT', '1') == '0' else 'ON'}",
+            f"-DVSE_SANITIZE={os.environ.get('VSE_SANITIZE', '')}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        args += self.cuda_args()
+        if shutil.which("ccache"):
+            args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
+        if shutil.which("ninja"):
+            args += ["-G", "Ninja"]
+        build_dir = ROOT / "build" / self.build_variant()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        log_path = build_dir / "build.log"
+        with open(log_path, "w") as log:
+            for command in (["cmake", "-S", str(ROOT), "-B", str(build_dir), *args],
+                            ["cmake", "--build", str(build_dir), "--parallel", jobs]):
+                log.write("$ " + " ".join(command) + "\n")
+                log.flush()
+                result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                log.write(result.stdout)
+                if result.returncode != 0:
+                    sys.stderr.write(result.stdout[-20000:])
+                    raise BuildError(f"'{' '.join(command[:2])}' failed; the full log is {log_path}.")
+
+    @staticmethod
+    def build_variant() -> str:
+        cuda = os.environ.get("VSE_CUDA", "auto")
+        sanitize = os.environ.get("VSE_SANITIZE", "").replace(",", "-")
+        return "-".join(filter(None, [f"cuda{cuda}", f"san-{sanitize}" if sanitize else ""]))
+
+    @staticmethod
+    def cuda_args() -> list[str]:
+        mode = os.environ.get("VSE_CUDA", "auto")
+        if mode not in ("auto", "0", "1"):
+            raise BuildError(f"VSE_CUDA must be auto, 0 or 1, got {mode!r}.")
+        if mode == "0":
+            return ["-DVSE_WITH_CUDA=OFF"]
+        cuda_home = find_cuda_home()
+        if cuda_home is None:
+            if mode == "1":
+                raise BuildError("VSE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME to the folder with bin/nvcc.")
+            print("vse_cuda build: no CUDA toolkit found, building the CPU kernels only.", file=sys.stderr)
+            return ["-DVSE_WITH_CUDA=OFF"]
+        os.environ["CUDA_HOME"] = str(cuda_home)  # what torch and CMake's FindCUDAToolkit read
+        return [
+            "-DVSE_WITH_CUDA=ON",
+            f"-DCMAKE_CUDA_COMPILER={cuda_home / 'bin' / 'nvcc'}",
+            f"-DCUDAToolkit_ROOT={cuda_home}",
+            f"-DVSE_CUDA_ARCHITECTURES={cuda_architectures()}",
+        ]
+
+
+setup(
+    name="vse_cuda",
+    version="0.1.0",
+    description="Fused, memory-bounded similarity, top-k mining and retrieval losses for PyTorch (CPU and CUDA).",
+    packages=find_packages(include=["vse_cuda", "vse_cuda.*"]),
+    ext_modules=[CMakeExtension("vse_cuda._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    python_requires=">=3.10",
+    install_requires=["torch==2.14.1", "numpy", "tqdm"],
+    extras_require={"test": ["pytest", "faiss-cpu"]},
+)

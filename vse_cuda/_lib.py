@@ -1,0 +1,88 @@
+"""Loading of the compiled libraries and the choice of kernel backend.
+
+`_C` holds the product kernels (`torch.ops.vse_cuda`, CPU always, CUDA when compiled with
+nvcc); `_simt` holds the same CUDA sources compiled by g++ for the SIMT executor
+(`torch.ops.vse_simt`, tests only). Public functions reach kernels through :func:`ops`, which
+honours :func:`use_backend` so the test-suite can run every op on every backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+from typing import Iterator
+
+import torch
+
+_BACKENDS = ("cpu", "cuda", "simt")
+_active_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("vse_backend", default=None)
+
+
+def _load_product() -> None:
+    try:
+        importlib.import_module("vse_cuda._C")
+    except ImportError as error:  # pragma: no cover - exercised only on broken installs
+        raise ImportError(
+            "vse_cuda's compiled library is missing or does not match this PyTorch; "
+            "rebuild it with `pip install --no-build-isolation -e .`"
+        ) from error
+
+
+_load_product()
+
+
+def _has_simt() -> bool:
+    try:
+        importlib.import_module("vse_cuda._simt")
+    except ImportError:
+        return False
+    return True
+
+
+def backends() -> tuple[str, ...]:
+    """Kernel backends compiled into this build: "cpu" always, "cuda" when nvcc compiled the
+    CUDA kernels (usable only where torch.cuda.is_available()), "simt" for the test-only
+    executor that runs the CUDA kernels on CPU threads."""
+    built = ["cpu"]
+    if torch._C._dispatch_has_kernel_for_dispatch_key("vse_cuda::topk_similar", "CUDA"):
+        built.append("cuda")
+    if _has_simt():
+        built.append("simt")
+    return tuple(built)
+
+
+def simt_ops():
+    """`torch.ops.vse_simt`: the CUDA kernels run by the SIMT executor on CPU tensors."""
+    if not _has_simt():
+        raise RuntimeError("vse_cuda was built without the SIMT executor (VSE_SIMT=0)")
+    return torch.ops.vse_simt
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run vse_cuda ops on one backend inside the block (for tests and benchmarks).
+
+    "cpu" and "cuda" follow the tensors' device as usual; "simt" sends CPU tensors to the
+    CUDA kernels compiled for the SIMT executor.
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    if name not in backends():
+        raise RuntimeError(f"backend {name!r} is not compiled into this build; built: {backends()}")
+    token = _active_backend.set(name)
+    try:
+        yield
+    finally:
+        _active_backend.reset(token)
+
+
+def ops(*tensors: torch.Tensor):
+    """The op namespace for these tensors under the active backend."""
+    if _active_backend.get() == "simt":
+        if any(t.device.type != "cpu" for t in tensors):
+            raise ValueError("the simt backend runs on CPU tensors only")
+        return torch.ops.vse_simt
+    if any(t.device.type == "cuda" for t in tensors) and "cuda" not in backends():
+        raise RuntimeError("these tensors are on CUDA but vse_cuda was built without CUDA kernels (VSE_CUDA=0 or no nvcc)")
+    return torch.ops.vse_cuda
