@@ -15,7 +15,7 @@
 #include "../simt/simt.h"
 #define VSE_KERNEL_DISPATCH_KEY CPU
 #else
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
@@ -55,7 +55,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_sme
 }
 #else
 using Stream = cudaStream_t;
-inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 struct DeviceGuard {
   explicit DeviceGuard(const at::Tensor& t) : guard_(t.device()) {}
