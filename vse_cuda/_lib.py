@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
+import os
 from typing import Iterator
 
 import torch
@@ -32,7 +34,14 @@ def _load_product() -> None:
 _load_product()
 
 
+@functools.cache
 def _has_simt() -> bool:
+    """Loads the SIMT library: `vse_cuda._simt`, or the file named by VSE_SIMT_LIBRARY
+    (how `make test` swaps in the build with sanitizers)."""
+    override = os.environ.get("VSE_SIMT_LIBRARY")
+    if override:
+        torch.ops.load_library(override)
+        return True
     try:
         importlib.import_module("vse_cuda._simt")
     except ImportError:

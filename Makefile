@@ -1,0 +1,44 @@
+# The README's two commands, each self-contained and idempotent on a fresh machine:
+#   make demo   set up .venv, build, run the main job
+#   make test   set up .venv, build CPU + CUDA (when nvcc exists) + SIMT, run every test,
+#               then the SIMT tests again under AddressSanitizer + UBSan
+# Quick local loop: VSE_CUDA=0 make test   (skips nvcc; CPU and SIMT only)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: demo test build sanitize-test
+
+demo: build
+	$(PY) -m vse_cuda.demo
+
+test: build
+	@echo "== ptxas resource report (registers, spills) per kernel: build/ptxas-report.txt"
+	@grep -h -E "Compiling entry|registers|spill" build/*/build.log > build/ptxas-report.txt || true
+	@cat build/ptxas-report.txt
+	$(PY) -c "import vse_cuda; print('vse_cuda backends built:', vse_cuda.backends())"
+	$(PY) -m pytest python_tests -q
+	$(MAKE) sanitize-test
+
+# The venv is rebuilt only when requirements-dev.txt changes.
+$(VENV)/.requirements: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements-dev.txt
+	cp requirements-dev.txt $@
+
+# No build isolation: the build uses the venv's torch instead of installing a second copy.
+build: $(VENV)/.requirements
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+# The SIMT library alone, built with sanitizers into build/asan and loaded in its place.
+ASAN_LIB := $(shell gcc -print-file-name=libasan.so)
+sanitize-test: $(VENV)/.requirements
+	cmake -S . -B build/asan -DPython_EXECUTABLE=$(abspath $(PY)) -DVSE_WITH_CUDA=OFF \
+	      -DVSE_SANITIZE=address,undefined > build/asan-configure.log
+	cmake --build build/asan --target _simt --parallel
+	VSE_SIMT_LIBRARY="$$(ls $(abspath build/asan/vse_cuda)/_simt*.so)" LD_PRELOAD=$(ASAN_LIB) \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    $(PY) -m pytest python_tests -q -k simt -p no:cacheprovider
