@@ -46,7 +46,8 @@ void axpy(T w, const T* x, T* y, int64_t d) {
 template <typename T>
 void gather_rows(T grad, const T* other, int64_t n, int64_t d, const int64_t* own_index, const T* own_weight,
                  int64_t k, const Groups<T>& gathered, const T* diagonal, T* out) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / (d * (k + 2)));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* y = out + i * d;
       axpy(diagonal[i], other + i * d, y, d);

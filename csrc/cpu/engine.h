@@ -35,20 +35,26 @@ constexpr int64_t kSavedWidth = 2;
 // its columns one after another keeps rows × 64 bytes of the tile in cache.
 constexpr int64_t kColumnBlock = 16;
 
-// fn(r) for every tile row r < rows, rows in parallel.
+// Entries of S a task should at least get: smaller tiles run on the calling thread (a
+// parallel region costs more than reducing a few thousand entries).
+constexpr int64_t kMinTaskEntries = 16384;
+
+// fn(r) for every row r < rows of a tile `cols` wide, rows in parallel.
 template <typename Fn>
-void for_each_row(int64_t rows, const Fn& fn) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+void for_each_row(int64_t rows, int64_t cols, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, kMinTaskEntries / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) fn(r);
   });
 }
 
-// fn(j) for every tile column j < cols; blocks of kColumnBlock columns in parallel, the
-// columns of a block in order. fn walks its column's rows itself.
+// fn(j) for every column j < cols of a tile `rows` high; blocks of kColumnBlock columns in
+// parallel, the columns of a block in order. fn walks its column's rows itself.
 template <typename Fn>
-void for_each_column(int64_t cols, const Fn& fn) {
+void for_each_column(int64_t rows, int64_t cols, const Fn& fn) {
   const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kMinTaskEntries / (kColumnBlock * std::max<int64_t>(rows, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin * kColumnBlock; j < std::min(cols, end * kColumnBlock); ++j) fn(j);
   });
 }
@@ -76,7 +82,7 @@ T dense_forward(const at::Tensor& a, const at::Tensor& b, const int64_t* labels,
   for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
     const T* scores = tile.data_ptr<T>();
     const int64_t rows = tile.size(0), cols = tile.size(1);
-    for_each_row(rows, [&](int64_t r) {
+    for_each_row(rows, cols, [&](int64_t r) {
       const int64_t i = r0 + r;
       const T* row = scores + r * cols;
       if constexpr (!Policy::kPositiveFirst) {
@@ -86,7 +92,7 @@ T dense_forward(const at::Tensor& a, const at::Tensor& b, const int64_t* labels,
         if (is_negative(labels, i, c0 + j)) policy.add(row_state[i], row[j], positive[i]);
       }
     });
-    for_each_column(cols, [&](int64_t j) {
+    for_each_column(rows, cols, [&](int64_t j) {
       const int64_t anchor = c0 + j;
       for (int64_t r = 0; r < rows; ++r) {
         if (is_negative(labels, anchor, r0 + r)) policy.add(col_state[anchor], scores[r * cols + j], positive[anchor]);
@@ -111,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> dense_backward(T grad, const at::Tensor& a, c
   for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
     T* scores = tile.data_ptr<T>();
     const int64_t rows = tile.size(0), cols = tile.size(1);
-    for_each_row(rows, [&](int64_t r) {
+    for_each_row(rows, cols, [&](int64_t r) {
       const int64_t i = r0 + r;
       const T* own = row_saved + kSavedWidth * i;
       T* row = scores + r * cols;
@@ -165,14 +171,14 @@ MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_
   for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
     const T* scores = tile.data_ptr<T>();
     const int64_t rows = tile.size(0), cols = tile.size(1);
-    for_each_row(rows, [&](int64_t r) {
+    for_each_row(rows, cols, [&](int64_t r) {
       const int64_t i = r0 + r;
       const T* row = scores + r * cols;
       if (i >= c0 && i < c0 + cols) positive[i] = row[i - c0];
       const auto excluded = [&](int64_t key) { return !is_negative(labels, i, key); };
       merge_candidates(row, cols, 1, c0, excluded, row_values + i * k, row_indices + i * k, k, candidate_buffer<T>());
     });
-    for_each_column(cols, [&](int64_t j) {
+    for_each_column(rows, cols, [&](int64_t j) {
       const int64_t anchor = c0 + j;
       const auto excluded = [&](int64_t query) { return !is_negative(labels, anchor, query); };
       merge_candidates(scores + j, rows, cols, r0, excluded, col_values + anchor * k, col_indices + anchor * k,
