@@ -62,9 +62,11 @@ def loss_and_grads(fn, img: torch.Tensor, txt: torch.Tensor):
     return loss.detach(), grads
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """Same dtype and shape; values within TOL[dtype], relative to the largest magnitude."""
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 scale: float = 1.0, tol: float | None = None) -> None:
+    """Same dtype and shape; values within `tol` (default TOL[dtype]), relative to the largest
+    of `scale`, 1 and the largest expected magnitude."""
     assert got.dtype == want.dtype, what
-    tol = TOL[dtype]
-    scale = max(1.0, float(want.detach().abs().max())) if want.numel() else 1.0
+    tol = TOL[dtype] if tol is None else tol
+    scale = max(1.0, scale, float(want.detach().abs().max()) if want.numel() else 0.0)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
