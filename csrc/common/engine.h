@@ -31,13 +31,15 @@ VSE_HOST_DEVICE bool is_negative(const int64_t* labels, int64_t anchor, int64_t 
 
 // [x]_+ and its derivative as torch.relu: the derivative at exactly 0 is 0, NaN propagates
 // in the value and passes the gradient (torch's threshold_backward keeps it for x > 0 or NaN).
+// Both are written to compile to selects, not branches: hinges of random data are
+// unpredictable.
 template <typename T>
 VSE_HOST_DEVICE T hinge(T x) {
-  return x <= T(0) ? T(0) : x;
+  return x < T(0) ? T(0) : x;  // maxss(0, x): NaN stays NaN
 }
 template <typename T>
 VSE_HOST_DEVICE T hinge_grad(T x) {
-  return x <= T(0) ? T(0) : T(1);
+  return static_cast<T>(!(x <= T(0)));
 }
 
 // log(1 + e^y) without overflow.

@@ -48,14 +48,17 @@ void for_each_row(int64_t rows, int64_t cols, const Fn& fn) {
   });
 }
 
-// fn(j) for every column j < cols of a tile `rows` high; blocks of kColumnBlock columns in
-// parallel, the columns of a block in order. fn walks its column's rows itself.
+// fn(j0, j1) for blocks [j0, j1) of at most kColumnBlock columns of a tile `rows` high,
+// blocks in parallel. fn walks the block row by row (row-major, cache friendly), so each
+// column still sees its entries in increasing row order.
 template <typename Fn>
-void for_each_column(int64_t rows, int64_t cols, const Fn& fn) {
+void for_each_column_block(int64_t rows, int64_t cols, const Fn& fn) {
   const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
   const int64_t grain = std::max<int64_t>(1, kMinTaskEntries / (kColumnBlock * std::max<int64_t>(rows, 1)));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin * kColumnBlock; j < std::min(cols, end * kColumnBlock); ++j) fn(j);
+    for (int64_t block = begin; block < end; ++block) {
+      fn(block * kColumnBlock, std::min(cols, (block + 1) * kColumnBlock));
+    }
   });
 }
 
@@ -88,15 +91,28 @@ T dense_forward(const at::Tensor& a, const at::Tensor& b, const int64_t* labels,
       if constexpr (!Policy::kPositiveFirst) {
         if (i >= c0 && i < c0 + cols) positive[i] = row[i - c0];
       }
+      // States are worked on in locals: the compiler cannot keep them in registers while
+      // they might alias the tile.
+      State state = row_state[i];
+      const T p = positive[i];
       for (int64_t j = 0; j < cols; ++j) {
-        if (is_negative(labels, i, c0 + j)) policy.add(row_state[i], row[j], positive[i]);
+        if (is_negative(labels, i, c0 + j)) policy.add(state, row[j], p);
       }
+      row_state[i] = state;
     });
-    for_each_column(rows, cols, [&](int64_t j) {
-      const int64_t anchor = c0 + j;
+    for_each_column_block(rows, cols, [&](int64_t j0, int64_t j1) {
+      const int64_t width = j1 - j0;
+      State state[kColumnBlock];
+      T p[kColumnBlock];
+      std::copy_n(col_state.begin() + c0 + j0, width, state);
+      std::copy_n(positive.begin() + c0 + j0, width, p);
       for (int64_t r = 0; r < rows; ++r) {
-        if (is_negative(labels, anchor, r0 + r)) policy.add(col_state[anchor], scores[r * cols + j], positive[anchor]);
+        const T* row = scores + r * cols + j0;
+        for (int64_t u = 0; u < width; ++u) {
+          if (is_negative(labels, c0 + j0 + u, r0 + r)) policy.add(state[u], row[u], p[u]);
+        }
       }
+      std::copy_n(state, width, col_state.begin() + c0 + j0);
     });
   });
   T row_total = T(0), col_total = T(0);
@@ -147,13 +163,6 @@ struct MinedLists {
   at::Tensor row_values, row_indices, col_values, col_indices, positive;
 };
 
-// The calling thread's candidate buffer of merge_candidates.
-template <typename T>
-std::vector<Candidate<T>>& candidate_buffer() {
-  thread_local std::vector<Candidate<T>> candidates;
-  return candidates;
-}
-
 template <typename T>
 MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
                              int64_t row_chunk, int64_t col_chunk) {
@@ -175,14 +184,38 @@ MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_
       const int64_t i = r0 + r;
       const T* row = scores + r * cols;
       if (i >= c0 && i < c0 + cols) positive[i] = row[i - c0];
-      const auto excluded = [&](int64_t key) { return !is_negative(labels, i, key); };
-      merge_candidates(row, cols, 1, c0, excluded, row_values + i * k, row_indices + i * k, k, candidate_buffer<T>());
+      TopkMerge<T>& list = thread_merges<T>(1)[0];
+      list.load(row_values + i * k, row_indices + i * k, k);
+      merge_row(list, row, cols, c0, [&](int64_t key) { return !is_negative(labels, i, key); });
+      list.store(row_values + i * k, row_indices + i * k);
     });
-    for_each_column(rows, cols, [&](int64_t j) {
-      const int64_t anchor = c0 + j;
-      const auto excluded = [&](int64_t query) { return !is_negative(labels, anchor, query); };
-      merge_candidates(scores + j, rows, cols, r0, excluded, col_values + anchor * k, col_indices + anchor * k,
-                       k, candidate_buffer<T>());
+    for_each_column_block(rows, cols, [&](int64_t j0, int64_t j1) {
+      // The block's lists, fed row by row; rows in which no value can enter any of them are
+      // skipped after one vectorizable comparison against the lists' thresholds.
+      std::vector<TopkMerge<T>>& lists = thread_merges<T>(kColumnBlock);
+      const int64_t width = j1 - j0;
+      T threshold[kColumnBlock];
+      for (int64_t u = 0; u < width; ++u) {
+        const int64_t anchor = c0 + j0 + u;
+        lists[u].load(col_values + anchor * k, col_indices + anchor * k, k);
+        threshold[u] = lists[u].threshold();
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = scores + r * cols + j0;
+        bool any = false;
+        for (int64_t u = 0; u < width; ++u) any |= !(row[u] <= threshold[u]);
+        if (!any) continue;
+        const int64_t query = r0 + r;
+        for (int64_t u = 0; u < width; ++u) {
+          if (!is_negative(labels, c0 + j0 + u, query)) continue;
+          lists[u].offer(row[u], query);
+          threshold[u] = lists[u].threshold();
+        }
+      }
+      for (int64_t u = 0; u < width; ++u) {
+        const int64_t anchor = c0 + j0 + u;
+        lists[u].store(col_values + anchor * k, col_indices + anchor * k);
+      }
     });
   });
   return lists;

@@ -36,13 +36,13 @@ std::tuple<at::Tensor, at::Tensor> topk_similar(const at::Tensor& queries, const
       const scalar_t* scores = tile.data_ptr<scalar_t>();
       const int64_t cols = tile.size(1);
       at::parallel_for(0, tile.size(0), 1, [&](int64_t begin, int64_t end) {
-        std::vector<Candidate<scalar_t>> buffer;
-        buffer.reserve(2 * k);
+        TopkMerge<scalar_t>& list = thread_merges<scalar_t>(1)[0];
         for (int64_t r = begin; r < end; ++r) {
           const int64_t query = r0 + r;
           const auto excluded = [&](int64_t key) { return excluded_by_label(qlab_ptr, klab_ptr, query, key); };
-          merge_candidates(scores + r * cols, cols, 1, c0, excluded, list_values + query * k,
-                           list_indices + query * k, k, buffer);
+          list.load(list_values + query * k, list_indices + query * k, k);
+          merge_row(list, scores + r * cols, cols, c0, excluded);
+          list.store(list_values + query * k, list_indices + query * k);
         }
       });
     });
