@@ -239,6 +239,20 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend, mining, k):
         assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
 
 
+@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
+def test_non_contiguous_inputs(backend, device, on_backend, mining, k):
+    # img a strided column slice, txt a transposed (column-major) view.
+    g = torch.Generator().manual_seed(13)
+    base_img = torch.randn(15, 12, generator=g, dtype=torch.float64).to(device)
+    base_txt = torch.randn(6, 15, generator=g, dtype=torch.float64).to(device)
+    assert not base_img[:, ::2].is_contiguous() and not base_txt.T.is_contiguous()
+    loss, grads = loss_and_grads(lambda a, b: ours(mining, k, on_backend, chunk_size=4)(a[:, ::2], b.T),
+                                 base_img, base_txt)
+    want_loss, want_grads = loss_and_grads(lambda a, b: oracle(mining, k)(a[:, ::2], b.T), base_img, base_txt)
+    assert_close(loss, want_loss, torch.float64, "loss")
+    assert_close(grads[0], want_grads[0], torch.float64, "d img")
+    assert_close(grads[1], want_grads[1], torch.float64, "d txt")
+
 def test_module_matches_the_function():
     img, txt = random_inputs(11, 6, seed=12)
     labels = make_labels("pairs", 11)

@@ -198,6 +198,18 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend):
     assert grads[0].shape == img.shape and grads[1].shape == txt.shape
 
 
+def test_non_contiguous_inputs(backend, device, on_backend):
+    # img a strided column slice, txt a transposed (column-major) view.
+    g = torch.Generator().manual_seed(13)
+    base_img = torch.randn(15, 12, generator=g, dtype=torch.float64).to(device)
+    base_txt = torch.randn(6, 15, generator=g, dtype=torch.float64).to(device)
+    loss, grads = loss_and_grads(lambda a, b: ours(on_backend, chunk_size=4)(a[:, ::2], b.T), base_img, base_txt)
+    want_loss, want_grads = loss_and_grads(lambda a, b: oracle()(a[:, ::2], b.T), base_img, base_txt)
+    assert_close(loss, want_loss, torch.float64, "loss")
+    assert_close(grads[0], want_grads[0], torch.float64, "d img")
+    assert_close(grads[1], want_grads[1], torch.float64, "d txt")
+
+
 def test_module_matches_the_function():
     img, txt = random_inputs(11, 6, seed=12)
     labels = make_labels("pairs", 11)

@@ -1,10 +1,11 @@
 #pragma once
 // The chunked loss engine on CPU (DESIGN §3): loops only. S = A·Bᵀ is visited tile by tile
-// (common/tiles.h, one at::mm per tile), each tile reduced in one pass to per-row state
-// (rows in parallel) and per-column state (blocks of columns in parallel). Every row's
-// and column's state sees its entries in increasing index, row chunk after row chunk, so
-// the results do not depend on the thread count and no two threads write the same state:
-// no atomics, bitwise reproducible. The math of each loss is a policy in common/<loss>.h.
+// (common/tiles.h, one at::mm per tile); each tile is swept twice in row-major order, once
+// into per-row state (rows in parallel), once into per-column state (blocks of columns in
+// parallel), and both carry over to the next tile. Every row's and column's state sees its
+// entries in increasing index, row chunk after row chunk, so the results do not depend on
+// the thread count and no two threads write the same state: no atomics, bitwise
+// reproducible. The math of each loss is a policy in common/<loss>.h.
 //
 // Dense policy interface (common/triplet.h HingeSumPolicy, common/unified.h UnifiedPolicy):
 //   State                              an anchor's running state over its negatives
@@ -31,8 +32,8 @@ namespace vse::cpu {
 // Values a dense policy saves per anchor for its backward.
 constexpr int64_t kSavedWidth = 2;
 
-// Columns per task of a column pass: 16 float32 are one cache line, so a task walking down
-// its columns one after another keeps rows × 64 bytes of the tile in cache.
+// Columns per task of a column sweep: 16 float32 are one cache line, read row after row,
+// and the block's states stay in registers or L1.
 constexpr int64_t kColumnBlock = 16;
 
 // Entries of S a task should at least get: smaller tiles run on the calling thread (a
