@@ -69,7 +69,7 @@ inline const int64_t* labels_data(const at::Tensor& labels) {
 
 // ------------------------------------------------------------------------------ dense losses
 
-// Forward of a dense loss: returns the summed loss (rows' terms, then columns') and writes
+// Forward of a dense loss: returns the summed loss (rows' terms plus columns') and writes
 // kSavedWidth values per row anchor (row_saved) and per column anchor (col_saved). a and b
 // are [N, D] in the accumulate type T.
 template <typename T, typename Policy>
@@ -116,10 +116,11 @@ T dense_forward(const at::Tensor& a, const at::Tensor& b, const int64_t* labels,
       std::copy_n(state, width, col_state.begin() + c0 + j0);
     });
   });
-  T row_total = T(0), col_total = T(0);
+  // The N anchor terms are summed in double (float32 terms of a large batch would lose digits).
+  double row_total = 0, col_total = 0;
   for (int64_t i = 0; i < n; ++i) row_total += policy.finish(row_state[i], positive[i], row_saved + kSavedWidth * i);
   for (int64_t j = 0; j < n; ++j) col_total += policy.finish(col_state[j], positive[j], col_saved + kSavedWidth * j);
-  return row_total + col_total;
+  return static_cast<T>(row_total + col_total);
 }
 
 // Backward of a dense loss: recomputes each tile S_c, turns it into G_c = grad·∂L/∂S_c in

@@ -56,7 +56,7 @@ Tensors5 triplet_forward(const at::Tensor& img, const at::Tensor& txt, const at:
     auto lists = mine_negatives<scalar_t>(a, b, labels_ptr, width, row_chunk, col_chunk);
     auto row_weight = at::empty({n, width}, a.options()), col_weight = at::empty({n, width}, a.options());
     const scalar_t* positive = lists.positive.data_ptr<scalar_t>();
-    scalar_t total[2] = {0, 0};
+    double total[2] = {0, 0};  // summed in double, as in the dense engine
     const at::Tensor* values[2] = {&lists.row_values, &lists.col_values};
     const at::Tensor* indices[2] = {&lists.row_indices, &lists.col_indices};
     at::Tensor* weights[2] = {&row_weight, &col_weight};
@@ -68,7 +68,7 @@ Tensors5 triplet_forward(const at::Tensor& img, const at::Tensor& txt, const at:
         total[direction] += mined_hinge_term(v + i * width, idx + i * width, width, positive[i], m, w + i * width);
       }
     }
-    loss.fill_(total[0] + total[1]);
+    loss.fill_(static_cast<scalar_t>(total[0] + total[1]));
     out = {loss, row_weight, col_weight, lists.row_indices, lists.col_indices};
   });
   return out;
