@@ -45,7 +45,7 @@ def oracle(mining, k, **options):
 
 
 @pytest.mark.parametrize("label_kind", LABEL_KINDS)
-@pytest.mark.parametrize("mining,k", MININGS)
+@pytest.mark.parametrize("mining,k", [m for m in MININGS if m != ("topk", 1)])  # topk k=1: the ties test
 @pytest.mark.parametrize("n,d", SIZES)
 def test_matches_oracle_float64(backend, device, on_backend, n, d, mining, k, label_kind):
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
