@@ -167,13 +167,13 @@ struct MinedLists {
 
 template <typename T>
 MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
-                             int64_t row_chunk, int64_t col_chunk) {
+                          int64_t row_chunk, int64_t col_chunk) {
   const int64_t n = a.size(0);
   const auto values_options = a.options();
   const auto index_options = a.options().dtype(at::kLong);
   MinedLists lists{at::zeros({n, k}, values_options), at::full({n, k}, -1, index_options),
-                      at::zeros({n, k}, values_options), at::full({n, k}, -1, index_options),
-                      at::zeros({n}, values_options)};
+                   at::zeros({n, k}, values_options), at::full({n, k}, -1, index_options),
+                   at::zeros({n}, values_options)};
   T* row_values = lists.row_values.data_ptr<T>();
   int64_t* row_indices = lists.row_indices.data_ptr<int64_t>();
   T* col_values = lists.col_values.data_ptr<T>();
