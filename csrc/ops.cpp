@@ -12,6 +12,30 @@ TORCH_LIBRARY(VSE_OPS_NAMESPACE, m) {
   m.def(
       "topk_similar(Tensor queries, Tensor keys, int k, Tensor query_labels, "
       "Tensor key_labels, int row_chunk, int col_chunk) -> (Tensor values, Tensor indices)");
+
+  // In-batch losses over the chunked engine (DESIGN §3): S = img·txtᵀ, positives on the
+  // diagonal, labels of size 0 = no labels. Forwards return the loss summed over both
+  // directions in the accumulate type (float32 for half inputs) and the state their
+  // backward needs; backwards take ∂/∂loss and return (∂/∂img, ∂/∂txt) in the input dtype.
+  // Triplet, mining "all" | "hardest" | "topk" (k ignored unless "topk"):
+  //   "all": saved [N, 2] per row / column anchor, index [N, 0]; otherwise saved [N, w] the
+  //   weights of the mined negatives listed in index [N, w] (-1: empty), w = 1 or min(k, N).
+  m.def(
+      "triplet_forward(Tensor img, Tensor txt, Tensor labels, float margin, str mining, int k, "
+      "int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, Tensor col_saved, "
+      "Tensor row_index, Tensor col_index)");
+  m.def(
+      "triplet_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, float margin, str mining, "
+      "Tensor row_saved, Tensor col_saved, Tensor row_index, Tensor col_index, int row_chunk, "
+      "int col_chunk) -> (Tensor grad_img, Tensor grad_txt)");
+  // Unified loss (spec §4.2): saved [N, 2] per row / column anchor.
+  m.def(
+      "unified_forward(Tensor img, Tensor txt, Tensor labels, float scale, float margin, "
+      "int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, Tensor col_saved)");
+  m.def(
+      "unified_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, float scale, float margin, "
+      "Tensor row_saved, Tensor col_saved, int row_chunk, int col_chunk) -> (Tensor grad_img, "
+      "Tensor grad_txt)");
 }
 
 // `import vse_cuda._C` (or `_simt`) dlopens the library, which runs the registrations above.

@@ -5,8 +5,18 @@ The oracle every kernel is tested against is :mod:`vse_cuda.reference`.
 """
 
 from ._lib import backends, use_backend
+from .losses import TripletLoss, UnifiedLoss, triplet_loss, unified_loss
 from .similarity import similarity
 from .topk import topk_similar
 
-__all__ = ["backends", "similarity", "topk_similar", "use_backend"]
+__all__ = [
+    "TripletLoss",
+    "UnifiedLoss",
+    "backends",
+    "similarity",
+    "topk_similar",
+    "triplet_loss",
+    "unified_loss",
+    "use_backend",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,85 @@
+#pragma once
+// Math of the chunked loss engine (DESIGN §3) shared by every backend: which entries of S
+// are negatives, the hinge, and the running log-sum-exp. The per-loss policies built from
+// these live in common/<loss>.h; the CPU and CUDA files only loop over tiles.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/macros.h"
+
+namespace vse {
+
+namespace math {
+// float/double overloads that name the same functions on the host and in CUDA device code.
+VSE_HOST_DEVICE float exp(float x) { return ::expf(x); }
+VSE_HOST_DEVICE double exp(double x) { return ::exp(x); }
+VSE_HOST_DEVICE float expm1(float x) { return ::expm1f(x); }
+VSE_HOST_DEVICE double expm1(double x) { return ::expm1(x); }
+VSE_HOST_DEVICE float log(float x) { return ::logf(x); }
+VSE_HOST_DEVICE double log(double x) { return ::log(x); }
+VSE_HOST_DEVICE float log1p(float x) { return ::log1pf(x); }
+VSE_HOST_DEVICE double log1p(double x) { return ::log1p(x); }
+}  // namespace math
+
+// Entry (anchor, candidate) is a valid negative: not the anchor's own pair and, with labels,
+// not a pair of the same label (false-negative masking). The mask is symmetric, so rows
+// (i2t anchors) and columns (t2i anchors) use the same test.
+VSE_HOST_DEVICE bool is_negative(const int64_t* labels, int64_t anchor, int64_t candidate) {
+  return candidate != anchor && (labels == nullptr || labels[anchor] != labels[candidate]);
+}
+
+// [x]_+ and its derivative as torch.relu: the derivative at exactly 0 is 0, NaN propagates
+// in the value and passes the gradient (torch's threshold_backward keeps it for x > 0 or NaN).
+// Both are written to compile to selects, not branches: hinges of random data are
+// unpredictable.
+template <typename T>
+VSE_HOST_DEVICE T hinge(T x) {
+  return x < T(0) ? T(0) : x;  // maxss(0, x): NaN stays NaN
+}
+template <typename T>
+VSE_HOST_DEVICE T hinge_grad(T x) {
+  return static_cast<T>(!(x <= T(0)));
+}
+
+// log(1 + e^y) without overflow.
+template <typename T>
+VSE_HOST_DEVICE T softplus(T y) {
+  return y > T(0) ? y + math::log1p(math::exp(-y)) : math::log1p(math::exp(y));
+}
+
+// Running log Σ e^x with an online maximum. It starts empty (sum 0, max the lowest finite
+// value: no ±inf fill); a NaN term makes it NaN. `merge` combines two partial states (e.g.
+// one column's state over two row chunks), in the caller's fixed order.
+template <typename T>
+struct LogSumExp {
+  T max = std::numeric_limits<T>::lowest();
+  T sum = T(0);
+
+  VSE_HOST_DEVICE void add(T x) {
+    if (x > max) {
+      sum = sum * math::exp(max - x) + T(1);
+      max = x;
+    } else {
+      sum += math::exp(x - max);
+    }
+  }
+
+  VSE_HOST_DEVICE void merge(const LogSumExp& other) {
+    if (other.sum == T(0)) return;
+    if (sum == T(0)) {
+      *this = other;
+      return;
+    }
+    const T m = other.max > max ? other.max : max;
+    sum = sum * math::exp(max - m) + other.sum * math::exp(other.max - m);
+    max = m;
+  }
+
+  // log(1 + Σ e^(x + shift)): the log-sum-exp with the constant 0 term (0 when empty).
+  VSE_HOST_DEVICE T log1p_shifted(T shift) const {
+    return sum == T(0) ? T(0) : softplus(max + shift + math::log(sum));
+  }
+};
+
+}  // namespace vse

@@ -1,0 +1,30 @@
+#pragma once
+// Argument checks of the in-batch loss ops shared by every backend. The Python wrappers raise
+// the user-facing ValueError/TypeError first; these guard direct torch.ops calls.
+#include <ATen/ATen.h>
+
+namespace vse {
+
+inline void check_pair_args(const char* op, const at::Tensor& img, const at::Tensor& txt,
+                            const at::Tensor& labels, int64_t row_chunk, int64_t col_chunk) {
+  TORCH_CHECK(img.dim() == 2 && txt.dim() == 2, op, ": img and txt must be 2-D");
+  TORCH_CHECK(img.sizes() == txt.sizes(), op, ": img and txt must have the same shape [N, D]");
+  TORCH_CHECK(img.scalar_type() == txt.scalar_type(), op, ": dtypes differ");
+  TORCH_CHECK(at::isFloatingType(img.scalar_type()), op, ": img and txt must be floating point");
+  TORCH_CHECK(row_chunk >= 1 && col_chunk >= 1, op, ": chunks must be >= 1");
+  if (labels.numel() > 0) {
+    TORCH_CHECK(labels.dim() == 1 && labels.size(0) == img.size(0), op,
+                ": labels must be 1-D with one entry per pair");
+    TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64");
+  }
+}
+
+// The state a forward op saved for its backward: [N, width] in the accumulate type.
+inline void check_saved(const char* op, const char* name, const at::Tensor& saved, int64_t n,
+                        int64_t width, at::ScalarType dtype) {
+  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == n && saved.size(1) == width, op, ": ", name,
+              " must have shape [", n, ", ", width, "]");
+  TORCH_CHECK(saved.scalar_type() == dtype, op, ": ", name, " must be ", dtype);
+}
+
+}  // namespace vse

@@ -1,0 +1,72 @@
+"""Inputs, label patterns and comparisons shared by the loss tests (test_triplet.py,
+test_unified.py). Not a test module."""
+
+from __future__ import annotations
+
+import torch
+
+#: (rtol, atol relative to the largest expected magnitude) per input dtype: float64 to
+#: 1e-10, float32 to 1e-5, half types at their own precision (the loss is rounded to them).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+#: Label patterns: none; random ids; every pair shares its id with at least one other pair
+#: (COCO's 5 captions per image); one id for all (no anchor has a negative).
+LABEL_KINDS = (None, "random", "pairs", "same")
+
+
+def random_inputs(n: int, d: int, dtype: torch.dtype = torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype))
+
+
+def grid_inputs(n: int, d: int, dtype: torch.dtype = torch.float64, seed: int = 0):
+    """Entries in {-3/4, …, 3/4}: exact in every dtype, and so is every similarity (a multiple
+    of 1/16) in any summation order, so mining decisions, exact ties and hinges at exactly 0
+    (margins that are multiples of 1/16) are the same for the engine and the oracle."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(-3, 4, (n, d), generator=g).to(dtype) / 4 for _ in range(2))
+
+
+def make_labels(kind: str | None, n: int, seed: int = 0) -> torch.Tensor | None:
+    if kind is None:
+        return None
+    if kind == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, max(1, n // 3), (n,), generator=g)
+    if kind == "pairs":  # ids 0,0,1,1,2,2,…, an odd last pair joins the previous id
+        return (torch.arange(n) // 2).clamp(max=max(0, n // 2 - 1))
+    if kind == "same":
+        return torch.zeros(n, dtype=torch.int64)
+    raise ValueError(kind)
+
+
+def chunk_options(n: int) -> list[int | None]:
+    """The default plan (one chunk, which divides N), a smaller chunk size that divides N (one
+    that keeps the number of chunks small) and one that does not (where N has one)."""
+    options: list[int | None] = [None]
+    divisor = next((c for c in (32, 1) if n % c == 0 and c < n and (c > 1 or n <= 3)), None)
+    if divisor is not None:
+        options.append(divisor)
+    if n > 2:
+        options.append(next(c for c in (48, 5, 3, 2) if n % c != 0 and c < n))
+    return options
+
+
+def loss_and_grads(fn, img: torch.Tensor, txt: torch.Tensor):
+    """fn(img, txt) and its gradients with respect to both inputs (fresh leaves)."""
+    img = img.detach().clone().requires_grad_(True)
+    txt = txt.detach().clone().requires_grad_(True)
+    loss = fn(img, txt)
+    grads = torch.autograd.grad(loss, (img, txt))
+    return loss.detach(), grads
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 scale: float = 1.0, tol: float | None = None) -> None:
+    """Same dtype and shape; values within `tol` (default TOL[dtype]), relative to the largest
+    of `scale`, 1 and the largest expected magnitude."""
+    assert got.dtype == want.dtype, what
+    tol = TOL[dtype] if tol is None else tol
+    scale = max(1.0, scale, float(want.detach().abs().max()) if want.numel() else 0.0)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")

@@ -1,0 +1,336 @@
+"""triplet_loss / TripletLoss (the chunked engine) against the oracle
+vse_cuda.reference.triplet_loss: loss and both gradients for every mining mode, with and
+without labels, both reductions, normalization, chunk sizes that do and do not divide N, all
+dtypes; gradcheck, opcheck, torch.compile, determinism, special cases and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import vse_cuda
+from vse_cuda import reference as ref
+
+from _loss_cases import (LABEL_KINDS, assert_close, chunk_options, grid_inputs, loss_and_grads, make_labels,
+                         random_inputs)
+
+LOSS_BACKENDS = ["cpu"]
+"""Backends these tests run on: the CUDA/SIMT kernels of the losses are not written yet, so
+the losses run on the CPU engine only."""
+
+MININGS = [("hardest", 1), ("all", 1), ("topk", 1), ("topk", 3), ("topk", 200)]
+SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
+
+
+@pytest.fixture(params=LOSS_BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+def ours(mining, k, on_backend, **options):
+    def loss(img, txt):
+        with on_backend():
+            return vse_cuda.triplet_loss(img, txt, mining=mining, k=k, **options)
+    return loss
+
+
+def oracle(mining, k, **options):
+    options.pop("chunk_size", None)
+    return lambda img, txt: ref.triplet_loss(img, txt, mining=mining, k=k, **options)
+
+
+@pytest.mark.parametrize("label_kind", LABEL_KINDS)
+@pytest.mark.parametrize("mining,k", [m for m in MININGS if m != ("topk", 1)])  # topk k=1: the ties test
+@pytest.mark.parametrize("n,d", SIZES)
+def test_matches_oracle_float64(backend, device, on_backend, n, d, mining, k, label_kind):
+    img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
+    labels = make_labels(label_kind, n)
+    labels = None if labels is None else labels.to(device)
+    for normalize in (False, True):
+        for reduction in ("sum", "mean"):
+            options = dict(margin=0.2, labels=labels, normalize=normalize, reduction=reduction)
+            want_loss, want_grads = loss_and_grads(oracle(mining, k, **options), img, txt)
+            for chunk in chunk_options(n) if reduction == "sum" else [None]:
+                loss, grads = loss_and_grads(ours(mining, k, on_backend, chunk_size=chunk, **options), img, txt)
+                case = f"normalize={normalize} reduction={reduction} chunk={chunk}"
+                assert_close(loss, want_loss, torch.float64, f"loss, {case}")
+                assert_close(grads[0], want_grads[0], torch.float64, f"d img, {case}")
+                assert_close(grads[1], want_grads[1], torch.float64, f"d txt, {case}")
+
+
+@pytest.mark.parametrize("label_kind", [None, "random", "pairs"])
+@pytest.mark.parametrize("mining,k", MININGS)
+def test_exact_ties_and_zero_hinges_match_the_oracle(backend, device, on_backend, mining, k, label_kind):
+    # Grid inputs: many exactly tied negatives (the lowest index wins) and hinges at exactly
+    # 0 (margin 1/4, similarities multiples of 1/16), which must pass no gradient.
+    img, txt = (x.to(device) for x in grid_inputs(40, 3, seed=4))
+    labels = make_labels(label_kind, 40)
+    labels = None if labels is None else labels.to(device)
+    S = img @ txt.T
+    assert bool(((0.25 + S - S.diagonal()[:, None]) == 0).any()), "the case must contain hinges at 0"
+    want_loss, want_grads = loss_and_grads(oracle(mining, k, margin=0.25, labels=labels), img, txt)
+    for chunk in (None, 7, 8):
+        loss, grads = loss_and_grads(ours(mining, k, on_backend, margin=0.25, labels=labels, chunk_size=chunk), img, txt)
+        torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grads, want_grads, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("label_kind", [None, "pairs"])
+@pytest.mark.parametrize("mining,k", MININGS[:4])
+def test_low_precision_matches_oracle(backend, device, on_backend, dtype, mining, k, label_kind):
+    img, txt = (x.to(device) for x in grid_inputs(37, 8, dtype, seed=2))
+    labels = make_labels(label_kind, 37)
+    labels = None if labels is None else labels.to(device)
+    for reduction in ("sum", "mean"):
+        options = dict(margin=0.25, labels=labels, reduction=reduction)
+        want_loss, want_grads = loss_and_grads(oracle(mining, k, **options), img, txt)
+        for chunk in (None, 8) if reduction == "sum" else [None]:
+            loss, grads = loss_and_grads(ours(mining, k, on_backend, chunk_size=chunk, **options), img, txt)
+            assert loss.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == dtype
+            assert_close(loss, want_loss, dtype, "loss")
+            assert_close(grads[0], want_grads[0], dtype, "d img")
+            assert_close(grads[1], want_grads[1], dtype, "d txt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mining,k", MININGS[:4])
+def test_low_precision_random_normalized(backend, device, on_backend, dtype, mining, k):
+    img, txt = (x.to(device) for x in random_inputs(128, 64, dtype, seed=8))
+    options = dict(labels=make_labels("random", 128).to(device), normalize=True)
+    want_loss, want_grads = loss_and_grads(oracle(mining, k, **options), img, txt)
+    loss, grads = loss_and_grads(ours(mining, k, on_backend, chunk_size=48, **options), img, txt)
+    assert_close(loss, want_loss, dtype, "loss")
+    assert_close(grads[0], want_grads[0], dtype, "d img")
+    assert_close(grads[1], want_grads[1], dtype, "d txt")
+
+
+@pytest.mark.parametrize("mining,k", MININGS)
+def test_column_tiles(backend, device, on_backend, mining, k):
+    # The op itself, with tiles narrower than N in both directions (the wrappers only narrow
+    # columns when one row chunk of S exceeds the memory budget).
+    img, txt = (x.to(device) for x in random_inputs(23, 6, seed=1))
+    labels = make_labels("random", 23).to(device)
+
+    def via_op(a, b):
+        with on_backend():
+            return vse_cuda._lib.ops(a, b).triplet_forward(a, b, labels, 0.2, mining, min(k, 23), 5, 7)[0]
+
+    loss, grads = loss_and_grads(via_op, img, txt)
+    want_loss, want_grads = loss_and_grads(oracle(mining, k, labels=labels), img, txt)
+    assert_close(loss, want_loss, torch.float64, "loss")
+    assert_close(grads[0], want_grads[0], torch.float64, "d img")
+    assert_close(grads[1], want_grads[1], torch.float64, "d txt")
+
+
+@pytest.mark.parametrize("mining", ["hardest", "all", "topk"])
+def test_hinge_at_exactly_zero_passes_no_gradient(backend, device, on_backend, mining):
+    # img = I and txt = Sᵀ make img·txtᵀ = S exactly. With margin 1/4 the hardest hinges
+    # (row 0: 1/4 + 3/4 − 1, column 1: the same) are exactly 0, the others negative.
+    S = torch.tensor([[1.0, 0.75], [0.5, 1.0]], dtype=torch.float64, device=device)
+    img, txt = torch.eye(2, dtype=torch.float64, device=device), S.T.contiguous()
+    loss, grads = loss_and_grads(ours(mining, 2, on_backend, margin=0.25), img, txt)
+    assert float(loss) == 0.0
+    assert not bool(grads[0].any()) and not bool(grads[1].any())
+    loss, grads = loss_and_grads(ours(mining, 2, on_backend, margin=0.375), img, txt)
+    want_loss, want_grads = loss_and_grads(oracle(mining, 2, margin=0.375), img, txt)
+    assert float(loss) == float(want_loss) == 0.25
+    torch.testing.assert_close(grads, want_grads, rtol=0, atol=0)
+
+
+def test_ties_go_to_the_lowest_index(backend, device, on_backend):
+    # Row 0 has two equally hard negatives (columns 1 and 2): only column 1 is mined in the
+    # i2t direction; column 2 gets row 0 through its own (t2i) hardest negative only.
+    S = torch.tensor([[1.0, 0.5, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64, device=device)
+    img, txt = torch.eye(3, dtype=torch.float64, device=device), S.T.contiguous()
+    loss, grads = loss_and_grads(ours("hardest", 1, on_backend, margin=0.75), img, txt)
+    G = grads[1].T  # d txt = Gᵀ·img = Gᵀ
+    expected = torch.tensor([[-1.0, 2.0, 1.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]], dtype=torch.float64)
+    torch.testing.assert_close(G.cpu(), expected, rtol=0, atol=0)
+    assert float(loss) == 0.75
+
+
+def _separated(n, d, labels, margin, normalize, gap=1e-3):
+    """float64 inputs with no hinge argument and no gap between valid values of a row or a
+    column within `gap`, so that gradcheck's finite differences never cross a kink."""
+    for seed in range(1000):
+        img, txt = random_inputs(n, d, seed=seed)
+        a, b = (torch.nn.functional.normalize(x, dim=1) for x in (img, txt)) if normalize else (img, txt)
+        S = a @ b.T
+        valid = ref.negative_mask(n, labels)
+        P = S.diagonal()
+        args = torch.cat([(margin + S - P[:, None])[valid], (margin + S - P[None, :])[valid]])
+        gaps = [v[:-1] - v[1:] for M, V in ((S, valid), (S.T, valid.T)) for row, ok in zip(M, V)
+                for v in [torch.sort(row[ok], descending=True).values] if v.numel() > 1]
+        if args.abs().min() > gap and (not gaps or torch.cat(gaps).min() > gap):
+            return img, txt
+    raise AssertionError("no separated inputs")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
+def test_gradcheck(backend, device, on_backend, mining, k, normalize):
+    labels = torch.tensor([0, 1, 0, 2, 3, 3, 4])
+    img, txt = _separated(7, 4, labels, 0.2, normalize)
+    img, txt = img.to(device).requires_grad_(), txt.to(device).requires_grad_()
+    fn = ours(mining, k, on_backend, labels=labels.to(device), normalize=normalize, chunk_size=3)
+    assert torch.autograd.gradcheck(fn, (img, txt))
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
+def test_opcheck(mining, k, labelled):
+    img, txt = (x.float().requires_grad_() for x in random_inputs(9, 5, seed=3))
+    labels = make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)
+    op = torch.ops.vse_cuda
+    torch.library.opcheck(op.triplet_forward.default, (img, txt, labels, 0.2, mining, k, 4, 6))
+    _, *saved = op.triplet_forward(img.detach(), txt.detach(), labels, 0.2, mining, k, 4, 6)
+    torch.library.opcheck(op.triplet_backward.default,
+                          (torch.tensor(1.5), img.detach(), txt.detach(), labels, 0.2, mining, *saved, 4, 6))
+
+
+@pytest.mark.parametrize("mining", ["hardest", "topk"])
+def test_torch_compile_fullgraph_forward_and_backward(mining):
+    module = vse_cuda.TripletLoss(mining=mining, k=2, normalize=True, reduction="mean")
+    compiled = torch.compile(module, fullgraph=True)
+    img, txt = random_inputs(12, 5, torch.float32, seed=6)
+    labels = make_labels("pairs", 12)
+    eager = loss_and_grads(lambda a, b: module(a, b, labels), img, txt)
+    graph = loss_and_grads(lambda a, b: compiled(a, b, labels), img, txt)
+    torch.testing.assert_close(graph, eager)
+
+
+@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 4)])
+def test_bitwise_deterministic(backend, device, on_backend, mining, k):
+    img, txt = (x.to(device) for x in random_inputs(300, 32, torch.float32, seed=9))
+    labels = make_labels("random", 300).to(device)
+    fn = ours(mining, k, on_backend, labels=labels, chunk_size=64)
+    first, second = loss_and_grads(fn, img, txt), loss_and_grads(fn, img, txt)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
+def test_single_pair_gives_zero_loss_and_zero_gradients(backend, device, on_backend, dtype, mining, k):
+    img, txt = (x.to(device) for x in random_inputs(1, 4, dtype))
+    for normalize in (False, True):
+        loss, grads = loss_and_grads(ours(mining, k, on_backend, normalize=normalize, margin=5.0), img, txt)
+        assert loss.dtype == dtype and float(loss) == 0.0
+        assert all(g.dtype == dtype and not bool(g.any()) for g in grads)
+
+
+@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
+def test_nan_input_gives_nan_loss(backend, device, on_backend, mining, k):
+    img, txt = (x.to(device) for x in random_inputs(10, 4, seed=2))
+    img[3, 1] = float("nan")
+    loss, grads = loss_and_grads(ours(mining, k, on_backend, chunk_size=4), img, txt)
+    assert torch.isnan(loss)
+    assert grads[0].shape == img.shape and grads[1].shape == txt.shape
+    if mining != "all":
+        with on_backend():
+            _, _, _, row_index, col_index = vse_cuda._lib.ops(img, txt).triplet_forward(
+                img, txt, torch.empty(0, dtype=torch.int64, device=device), 0.2, mining, k, 4, 10)
+        assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
+
+
+@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
+def test_non_contiguous_inputs(backend, device, on_backend, mining, k):
+    # img a strided column slice, txt a transposed (column-major) view.
+    g = torch.Generator().manual_seed(13)
+    base_img = torch.randn(15, 12, generator=g, dtype=torch.float64).to(device)
+    base_txt = torch.randn(6, 15, generator=g, dtype=torch.float64).to(device)
+    assert not base_img[:, ::2].is_contiguous() and not base_txt.T.is_contiguous()
+    loss, grads = loss_and_grads(lambda a, b: ours(mining, k, on_backend, chunk_size=4)(a[:, ::2], b.T),
+                                 base_img, base_txt)
+    want_loss, want_grads = loss_and_grads(lambda a, b: oracle(mining, k)(a[:, ::2], b.T), base_img, base_txt)
+    assert_close(loss, want_loss, torch.float64, "loss")
+    assert_close(grads[0], want_grads[0], torch.float64, "d img")
+    assert_close(grads[1], want_grads[1], torch.float64, "d txt")
+
+def test_module_matches_the_function():
+    img, txt = random_inputs(11, 6, seed=12)
+    labels = make_labels("pairs", 11)
+    module = vse_cuda.TripletLoss(margin=0.3, mining="topk", k=2, normalize=True, reduction="mean")
+    assert "mining='topk', k=2" in repr(module)
+    expected = vse_cuda.triplet_loss(img, txt, margin=0.3, mining="topk", k=2, labels=labels, normalize=True,
+                                     reduction="mean")
+    assert torch.equal(module(img, txt, labels), expected)
+    assert torch.equal(vse_cuda.TripletLoss()(img, txt), vse_cuda.triplet_loss(img, txt))
+
+
+def test_group_is_not_implemented_yet():
+    img, txt = random_inputs(3, 2)
+    with pytest.raises(NotImplementedError, match="distributed issue"):
+        vse_cuda.triplet_loss(img, txt, group=object())
+    with pytest.raises(NotImplementedError, match="distributed issue"):
+        vse_cuda.TripletLoss(group=object())
+
+
+def test_memory_stays_within_chunks():
+    # S would be 6000 × 6000 float32 = 137 MiB (the oracle keeps several); the engine holds one
+    # 500-row tile (11 MiB) and O(N·k) state.
+    script = textwrap.dedent("""
+        import resource, torch, vse_cuda
+        img = torch.randn(6000, 16, requires_grad=True)
+        txt = torch.randn(6000, 16, requires_grad=True)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for mining in ("hardest", "all", "topk"):
+            vse_cuda.triplet_loss(img, txt, mining=mining, k=5, chunk_size=500).backward()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    extra_mib = float(out.stdout.strip().splitlines()[-1])
+    assert extra_mib < 60, f"triplet_loss used {extra_mib:.0f} MiB extra; S alone would need 137 MiB"
+
+
+def _call(**overrides):
+    g = torch.Generator().manual_seed(0)
+    args = dict(img=torch.randn(4, 5, generator=g), txt=torch.randn(4, 5, generator=g))
+    args.update(overrides)
+    return vse_cuda.triplet_loss(args.pop("img"), args.pop("txt"), **args)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(img="img"), TypeError, "img"),
+    (dict(img=torch.randn(4, 5).long()), TypeError, "img"),
+    (dict(img=torch.randn(4, 5, 1)), ValueError, "img"),
+    (dict(txt=torch.randn(4, 3)), ValueError, "txt"),
+    (dict(txt=torch.randn(5, 5)), ValueError, "txt"),
+    (dict(txt=torch.randn(4, 5).double()), TypeError, "txt"),
+    (dict(txt=torch.randn(4, 5, device="meta")), ValueError, "txt"),
+    (dict(img=torch.randn(0, 5), txt=torch.randn(0, 5)), ValueError, "N=0"),
+    (dict(margin=float("nan")), ValueError, "margin"),
+    (dict(margin="0.2"), TypeError, "margin"),
+    (dict(mining="max"), ValueError, "mining"),
+    (dict(mining="topk", k=0), ValueError, "k"),
+    (dict(mining="topk", k=2.0), TypeError, "k"),
+    (dict(labels=torch.zeros(4)), TypeError, "labels"),
+    (dict(labels=torch.zeros(3, dtype=torch.int64)), ValueError, "labels"),
+    (dict(labels=[0, 1, 2, 3]), TypeError, "labels"),
+    (dict(normalize="yes"), TypeError, "normalize"),
+    (dict(reduction="none"), ValueError, "reduction"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+])
+def test_bad_input(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(margin=float("inf")), ValueError, "margin"),
+    (dict(mining="semi"), ValueError, "mining"),
+    (dict(k=-1), ValueError, "k"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(normalize=1), TypeError, "normalize"),
+])
+def test_module_checks_its_keywords(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vse_cuda.TripletLoss(**kwargs)

@@ -1,0 +1,291 @@
+"""unified_loss / UnifiedLoss (the chunked engine) against the oracle
+vse_cuda.reference.unified_loss: loss and both gradients with and without labels, both
+reductions, normalization, chunk sizes that do and do not divide N, all dtypes, large scales;
+the InfoNCE special case, gradcheck, opcheck, torch.compile, determinism, special cases and
+bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vse_cuda
+from vse_cuda import reference as ref
+
+from _loss_cases import (LABEL_KINDS, TOL, assert_close, chunk_options, grid_inputs, loss_and_grads, make_labels,
+                         random_inputs)
+
+LOSS_BACKENDS = ["cpu"]
+"""Backends these tests run on: the CUDA/SIMT kernels of the losses are not written yet, so
+the losses run on the CPU engine only."""
+
+SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
+
+
+@pytest.fixture(params=LOSS_BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+def ours(on_backend, **options):
+    def loss(img, txt):
+        with on_backend():
+            return vse_cuda.unified_loss(img, txt, **options)
+    return loss
+
+
+def oracle(**options):
+    options.pop("chunk_size", None)
+    return lambda img, txt: ref.unified_loss(img, txt, **options)
+
+
+@pytest.mark.parametrize("scale,margin", [(20.0, 0.2), (1000.0, 0.1)])
+@pytest.mark.parametrize("label_kind", LABEL_KINDS)
+@pytest.mark.parametrize("n,d", SIZES)
+def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, scale, margin):
+    img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
+    labels = make_labels(label_kind, n)
+    labels = None if labels is None else labels.to(device)
+    for normalize in (False, True):
+        for reduction in ("sum", "mean"):
+            options = dict(scale=scale, margin=margin, labels=labels, normalize=normalize, reduction=reduction)
+            want_loss, want_grads = loss_and_grads(oracle(**options), img, txt)
+            for chunk in chunk_options(n) if reduction == "sum" else [None]:
+                loss, grads = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), img, txt)
+                case = f"normalize={normalize} reduction={reduction} chunk={chunk}"
+                # Gradients relative to the loss per anchor too: with normalize and D = 1
+                # they are exactly 0, sums of terms of the size of the loss that cancel.
+                per_anchor = float(want_loss.abs()) / n
+                assert_close(loss, want_loss, torch.float64, f"loss, {case}")
+                assert_close(grads[0], want_grads[0], torch.float64, f"d img, {case}", per_anchor)
+                assert_close(grads[1], want_grads[1], torch.float64, f"d txt, {case}", per_anchor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("label_kind", [None, "pairs"])
+def test_low_precision_matches_oracle(backend, device, on_backend, dtype, label_kind):
+    img, txt = (x.to(device) for x in grid_inputs(37, 8, dtype, seed=2))
+    labels = make_labels(label_kind, 37)
+    labels = None if labels is None else labels.to(device)
+    for reduction in ("sum", "mean"):
+        options = dict(margin=0.25, labels=labels, reduction=reduction)
+        want_loss, want_grads = loss_and_grads(oracle(**options), img, txt)
+        for chunk in (None, 8) if reduction == "sum" else [None]:
+            loss, grads = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), img, txt)
+            assert loss.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == dtype
+            assert_close(loss, want_loss, dtype, "loss")
+            assert_close(grads[0], want_grads[0], dtype, "d img")
+            assert_close(grads[1], want_grads[1], dtype, "d txt")
+
+
+@pytest.mark.parametrize("scale", [20.0, 1000.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_random_normalized(backend, device, on_backend, dtype, scale):
+    # Half inputs are computed in float32: no overflow of exp at scale 1000, no NaN. The
+    # reference is the oracle in float64 on the same inputs: at scale 1000 an error of one
+    # float32 rounding in S moves exp(γ·S) by γ·2⁻²⁴ ≈ 6e-5, so there the engine and the
+    # oracle in float32 both stay within 1e-4 of it, not 1e-5.
+    img, txt = (x.to(device) for x in random_inputs(128, 64, dtype, seed=8))
+    options = dict(scale=scale, labels=make_labels("random", 128).to(device), normalize=True, reduction="mean")
+    want_loss, want_grads = loss_and_grads(oracle(**options), img.double(), txt.double())
+    loss, grads = loss_and_grads(ours(on_backend, chunk_size=48, **options), img, txt)
+    assert torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+    tol = max(TOL[dtype], 1e-4 if scale > 100 else 0.0)
+    assert_close(loss, want_loss.to(dtype), dtype, "loss", tol=tol)
+    assert_close(grads[0], want_grads[0].to(dtype), dtype, "d img", tol=tol)
+    assert_close(grads[1], want_grads[1].to(dtype), dtype, "d txt", tol=tol)
+
+
+def test_column_tiles(backend, device, on_backend):
+    # The op itself, with tiles narrower than N in both directions.
+    img, txt = (x.to(device) for x in random_inputs(23, 6, seed=1))
+    labels = make_labels("random", 23).to(device)
+
+    def via_op(a, b):
+        with on_backend():
+            return vse_cuda._lib.ops(a, b).unified_forward(a, b, labels, 20.0, 0.2, 5, 7)[0]
+
+    loss, grads = loss_and_grads(via_op, img, txt)
+    want_loss, want_grads = loss_and_grads(oracle(labels=labels), img, txt)
+    assert_close(loss, want_loss, torch.float64, "loss")
+    assert_close(grads[0], want_grads[0], torch.float64, "d img")
+    assert_close(grads[1], want_grads[1], torch.float64, "d txt")
+
+
+def test_zero_margin_is_symmetric_info_nce(backend, device, on_backend):
+    img, txt = (x.to(device) for x in random_inputs(19, 8, seed=5))
+    tau = 0.07
+    loss, grads = loss_and_grads(ours(on_backend, scale=1 / tau, margin=0.0, normalize=True, chunk_size=6), img, txt)
+
+    def info_nce(a, b):
+        logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / tau
+        target = torch.arange(a.size(0), device=a.device)
+        return F.cross_entropy(logits, target, reduction="sum") + F.cross_entropy(logits.T, target, reduction="sum")
+
+    want_loss, want_grads = loss_and_grads(info_nce, img, txt)
+    assert_close(loss, want_loss, torch.float64, "loss")
+    assert_close(grads[0], want_grads[0], torch.float64, "d img")
+    assert_close(grads[1], want_grads[1], torch.float64, "d txt")
+
+
+def test_large_scale_tends_to_the_hardest_triplet(backend, device, on_backend):
+    img, txt = (x.to(device) for x in random_inputs(16, 8, torch.float32, seed=7))
+    with on_backend():
+        unified = vse_cuda.unified_loss(img, txt, scale=1e4, normalize=True)
+        hardest = vse_cuda.triplet_loss(img, txt, normalize=True)
+    assert torch.isfinite(unified)
+    torch.testing.assert_close(unified / 1e4, hardest, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("labelled", [False, True])
+def test_gradcheck(backend, device, on_backend, labelled, normalize):
+    img, txt = (x.to(device).requires_grad_() for x in random_inputs(7, 4, seed=3))
+    labels = torch.tensor([0, 1, 0, 2, 3, 3, 4], device=device) if labelled else None
+    fn = ours(on_backend, scale=3.0, labels=labels, normalize=normalize, chunk_size=3)
+    assert torch.autograd.gradcheck(fn, (img, txt))
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_opcheck(labelled):
+    img, txt = (x.float().requires_grad_() for x in random_inputs(9, 5, seed=3))
+    labels = make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)
+    op = torch.ops.vse_cuda
+    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, 20.0, 0.2, 4, 6))
+    _, *saved = op.unified_forward(img.detach(), txt.detach(), labels, 20.0, 0.2, 4, 6)
+    torch.library.opcheck(op.unified_backward.default,
+                          (torch.tensor(0.5), img.detach(), txt.detach(), labels, 20.0, 0.2, *saved, 4, 6))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    module = vse_cuda.UnifiedLoss(scale=10.0, normalize=True, reduction="mean")
+    compiled = torch.compile(module, fullgraph=True)
+    img, txt = random_inputs(12, 5, torch.float32, seed=6)
+    labels = make_labels("pairs", 12)
+    eager = loss_and_grads(lambda a, b: module(a, b, labels), img, txt)
+    graph = loss_and_grads(lambda a, b: compiled(a, b, labels), img, txt)
+    torch.testing.assert_close(graph, eager)
+
+
+def test_bitwise_deterministic(backend, device, on_backend):
+    img, txt = (x.to(device) for x in random_inputs(300, 32, torch.float32, seed=9))
+    fn = ours(on_backend, labels=make_labels("random", 300).to(device), chunk_size=64)
+    first, second = loss_and_grads(fn, img, txt), loss_and_grads(fn, img, txt)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_single_pair_gives_zero_loss_and_zero_gradients(backend, device, on_backend, dtype):
+    img, txt = (x.to(device) for x in random_inputs(1, 4, dtype))
+    for normalize in (False, True):
+        loss, grads = loss_and_grads(ours(on_backend, normalize=normalize), img, txt)
+        assert loss.dtype == dtype and float(loss) == 0.0
+        assert all(g.dtype == dtype and not bool(g.any()) for g in grads)
+
+
+def test_nan_input_gives_nan_loss(backend, device, on_backend):
+    img, txt = (x.to(device) for x in random_inputs(10, 4, seed=2))
+    txt[6, 0] = float("nan")
+    loss, grads = loss_and_grads(ours(on_backend, chunk_size=4), img, txt)
+    assert torch.isnan(loss)
+    assert grads[0].shape == img.shape and grads[1].shape == txt.shape
+
+
+def test_non_contiguous_inputs(backend, device, on_backend):
+    # img a strided column slice, txt a transposed (column-major) view.
+    g = torch.Generator().manual_seed(13)
+    base_img = torch.randn(15, 12, generator=g, dtype=torch.float64).to(device)
+    base_txt = torch.randn(6, 15, generator=g, dtype=torch.float64).to(device)
+    loss, grads = loss_and_grads(lambda a, b: ours(on_backend, chunk_size=4)(a[:, ::2], b.T), base_img, base_txt)
+    want_loss, want_grads = loss_and_grads(lambda a, b: oracle()(a[:, ::2], b.T), base_img, base_txt)
+    assert_close(loss, want_loss, torch.float64, "loss")
+    assert_close(grads[0], want_grads[0], torch.float64, "d img")
+    assert_close(grads[1], want_grads[1], torch.float64, "d txt")
+
+
+def test_module_matches_the_function():
+    img, txt = random_inputs(11, 6, seed=12)
+    labels = make_labels("pairs", 11)
+    module = vse_cuda.UnifiedLoss(scale=30.0, margin=0.1, normalize=True, reduction="mean")
+    assert "scale=30.0" in repr(module)
+    expected = vse_cuda.unified_loss(img, txt, scale=30.0, margin=0.1, labels=labels, normalize=True,
+                                     reduction="mean")
+    assert torch.equal(module(img, txt, labels), expected)
+    assert torch.equal(vse_cuda.UnifiedLoss()(img, txt), vse_cuda.unified_loss(img, txt))
+
+
+def test_group_is_not_implemented_yet():
+    img, txt = random_inputs(3, 2)
+    with pytest.raises(NotImplementedError, match="distributed issue"):
+        vse_cuda.unified_loss(img, txt, group=object())
+    with pytest.raises(NotImplementedError, match="distributed issue"):
+        vse_cuda.UnifiedLoss(group=object())
+
+
+def test_memory_stays_within_chunks():
+    # S would be 6000 × 6000 float32 = 137 MiB (the oracle keeps several); the engine holds one
+    # 500-row tile (11 MiB), in the forward and in the backward.
+    script = textwrap.dedent("""
+        import resource, torch, vse_cuda
+        img = torch.randn(6000, 16, requires_grad=True)
+        txt = torch.randn(6000, 16, requires_grad=True)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        vse_cuda.unified_loss(img, txt, chunk_size=500).backward()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    extra_mib = float(out.stdout.strip().splitlines()[-1])
+    assert extra_mib < 60, f"unified_loss used {extra_mib:.0f} MiB extra; S alone would need 137 MiB"
+
+
+def _call(**overrides):
+    g = torch.Generator().manual_seed(0)
+    args = dict(img=torch.randn(4, 5, generator=g), txt=torch.randn(4, 5, generator=g))
+    args.update(overrides)
+    return vse_cuda.unified_loss(args.pop("img"), args.pop("txt"), **args)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(img=None), TypeError, "img"),
+    (dict(txt=torch.randn(4, 5).int()), TypeError, "txt"),
+    (dict(img=torch.randn(20)), ValueError, "img"),
+    (dict(txt=torch.randn(4, 6)), ValueError, "txt"),
+    (dict(txt=torch.randn(3, 5)), ValueError, "txt"),
+    (dict(txt=torch.randn(4, 5).half()), TypeError, "txt"),
+    (dict(img=torch.randn(0, 5), txt=torch.randn(0, 5)), ValueError, "N=0"),
+    (dict(scale=0.0), ValueError, "scale"),
+    (dict(scale=-20.0), ValueError, "scale"),
+    (dict(scale=float("inf")), ValueError, "scale"),
+    (dict(scale="20"), TypeError, "scale"),
+    (dict(margin=float("nan")), ValueError, "margin"),
+    (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, "labels"),
+    (dict(labels=torch.zeros(4, 1, dtype=torch.int64)), ValueError, "labels"),
+    (dict(normalize=None), TypeError, "normalize"),
+    (dict(reduction="batchmean"), ValueError, "reduction"),
+    (dict(chunk_size=-3), ValueError, "chunk_size"),
+    (dict(chunk_size=2.5), TypeError, "chunk_size"),
+])
+def test_bad_input(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(scale=0), ValueError, "scale"),
+    (dict(margin=float("-inf")), ValueError, "margin"),
+    (dict(reduction="none"), ValueError, "reduction"),
+    (dict(normalize="true"), TypeError, "normalize"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+])
+def test_module_checks_its_keywords(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vse_cuda.UnifiedLoss(**kwargs)
