@@ -51,7 +51,8 @@ struct DeviceGuard {
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_smem, Stream,
             Args... args) {
-  ::simt::launch(grid, block, dynamic_smem, [=] { kernel(static_cast<Params>(args)...); });
+  ::simt::launch(grid, block, dynamic_smem, [=] { kernel(static_cast<Params>(args)...); },
+                 reinterpret_cast<const void*>(kernel));
 }
 #else
 using Stream = cudaStream_t;
