@@ -34,11 +34,12 @@ build: $(VENV)/.requirements
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 # The SIMT library alone, built with sanitizers into build/asan and loaded in its place.
-ASAN_LIB := $(shell gcc -print-file-name=libasan.so)
+# libstdc++ is preloaded too: with libasan alone the first C++ throw aborts in __cxa_throw.
+ASAN_PRELOAD := $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so.6)
 sanitize-test: $(VENV)/.requirements
 	cmake -S . -B build/asan -DPython_EXECUTABLE=$(abspath $(PY)) -DVSE_WITH_CUDA=OFF \
 	      -DVSE_SANITIZE=address,undefined > build/asan-configure.log
 	cmake --build build/asan --target _simt --parallel
-	VSE_SIMT_LIBRARY="$$(ls $(abspath build/asan/vse_cuda)/_simt*.so)" LD_PRELOAD=$(ASAN_LIB) \
+	VSE_SIMT_LIBRARY="$$(ls $(abspath build/asan/vse_cuda)/_simt*.so)" LD_PRELOAD="$(ASAN_PRELOAD)" \
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	    $(PY) -m pytest python_tests -q -k simt -p no:cacheprovider
+	    $(PY) -m pytest python_tests -q -k simt -p no:cacheprovider --capture=sys

@@ -60,7 +60,12 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    """One CMake run builds every library; setuptools then places each extension's file."""
+
     def build_extension(self, ext: Extension) -> None:
+        if getattr(self, "_cmake_built", False):
+            return
+        self._cmake_built = True
         if shutil.which("cmake") is None:
             raise BuildError("cmake was not found on PATH; install it (pip install cmake or apt install cmake).")
         if shutil.which(os.environ.get("CXX", "g++")) is None:
@@ -126,7 +131,8 @@ setup(
     version="0.1.0",
     description="Fused, memory-bounded similarity, top-k mining and retrieval losses for PyTorch (CPU and CUDA).",
     packages=find_packages(include=["vse_cuda", "vse_cuda.*"]),
-    ext_modules=[CMakeExtension("vse_cuda._C")],
+    ext_modules=[CMakeExtension("vse_cuda._C")]
+    + ([] if os.environ.get("VSE_SIMT", "1") == "0" else [CMakeExtension("vse_cuda._simt")]),
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "numpy", "tqdm"],
