@@ -67,6 +67,10 @@ inline const int64_t* labels_data(const at::Tensor& labels) {
   return labels.numel() > 0 ? labels.data_ptr<int64_t>() : nullptr;
 }
 
+// The row-wise inner products ⟨a_i, b_i⟩ of two [N, D] tensors in the accumulate type: the
+// positives S_ii before any tile is seen, and AOQ's offline scores. O(N·D).
+inline at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) { return (a * b).sum(1).contiguous(); }
+
 // ------------------------------------------------------------------------------ dense losses
 
 // Forward of a dense loss: returns the summed loss (rows' terms plus columns') and writes
@@ -80,8 +84,7 @@ T dense_forward(const at::Tensor& a, const at::Tensor& b, const int64_t* labels,
   std::vector<State> row_state(n), col_state(n);
   std::vector<T> positive(n, T(0));
   if constexpr (Policy::kPositiveFirst) {
-    const auto dots = (a * b).sum(1).contiguous();
-    std::copy_n(dots.data_ptr<T>(), n, positive.begin());
+    std::copy_n(row_dots(a, b).data_ptr<T>(), n, positive.begin());
   }
   for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
     const T* scores = tile.data_ptr<T>();
@@ -165,9 +168,26 @@ struct MinedLists {
   at::Tensor row_values, row_indices, col_values, col_indices, positive;
 };
 
-template <typename T>
+// A per-anchor reduction that mine_negatives folds every valid negative into, in the same
+// sweep as its lists (e.g. GOAL's relative-similarity sets, common/goal.h):
+//   State                     an anchor's running state
+//   kActive                   false compiles the reduction out (NoReduction)
+//   add(state, S_ij)          folds in one valid negative
+// Like the dense policies' states, each row's and column's state sees its entries in
+// increasing index, so the result does not depend on the tiling or the thread count.
+struct NoReduction {
+  struct State {};
+  static constexpr bool kActive = false;
+  template <typename T>
+  void add(State& /*state*/, T /*score*/) const {}
+};
+
+template <typename T, typename Reduction = NoReduction>
 MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
-                          int64_t row_chunk, int64_t col_chunk) {
+                          int64_t row_chunk, int64_t col_chunk, const Reduction& reduction = {},
+                          typename Reduction::State* row_state = nullptr,
+                          typename Reduction::State* col_state = nullptr) {
+  using State = typename Reduction::State;
   const int64_t n = a.size(0);
   const auto values_options = a.options();
   const auto index_options = a.options().dtype(at::kLong);
@@ -190,12 +210,30 @@ MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_
       list.load(row_values + i * k, row_indices + i * k, k);
       merge_row(list, row, cols, c0, [&](int64_t key) { return !is_negative(labels, i, key); });
       list.store(row_values + i * k, row_indices + i * k);
+      if constexpr (Reduction::kActive) {
+        State state = row_state[i];
+        for (int64_t j = 0; j < cols; ++j) {
+          if (is_negative(labels, i, c0 + j)) reduction.add(state, row[j]);
+        }
+        row_state[i] = state;
+      }
     });
     for_each_column_block(rows, cols, [&](int64_t j0, int64_t j1) {
+      const int64_t width = j1 - j0;
+      if constexpr (Reduction::kActive) {
+        State state[kColumnBlock];
+        std::copy_n(col_state + c0 + j0, width, state);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* row = scores + r * cols + j0;
+          for (int64_t u = 0; u < width; ++u) {
+            if (is_negative(labels, c0 + j0 + u, r0 + r)) reduction.add(state[u], row[u]);
+          }
+        }
+        std::copy_n(state, width, col_state + c0 + j0);
+      }
       // The block's lists, fed row by row; rows in which no value can enter any of them are
       // skipped after one vectorizable comparison against the lists' thresholds.
       std::vector<TopkMerge<T>>& lists = thread_merges<T>(kColumnBlock);
-      const int64_t width = j1 - j0;
       T threshold[kColumnBlock];
       for (int64_t u = 0; u < width; ++u) {
         const int64_t anchor = c0 + j0 + u;
