@@ -1,0 +1,243 @@
+"""Run one benchmark case in a fresh subprocess and measure its time and extra peak memory.
+
+Every benchmark in this directory measures each (method, configuration) pair with
+:func:`run_isolated`, so that one method's allocator caches, thread pools or a crash (e.g. the
+OOM killer taking a materialized baseline) cannot affect another's numbers.
+
+A *case* is named ``"module:function"``, the module importable with this directory on
+``sys.path`` (e.g. ``"bench_topk:make_case"``). In the child, ``function(**params)`` prepares
+everything the measurement must not include (data, indexes) and returns a zero-argument callable;
+that callable is run ``warmup`` times, then ``repeats`` times measured:
+
+- time: wall-clock seconds of each measured call (the median is the headline number), and its
+  process CPU seconds (user + system over all threads);
+- extra peak memory: the largest, over the measured calls, of peak RSS during the call minus the
+  RSS just before it. The kernel's high-water mark is reset before each call
+  (``/proc/self/clear_refs`` ← 5, then ``VmHWM``), so it is exact; where that file cannot be
+  written, a thread sampling ``/proc/self/statm`` every millisecond stands in.
+
+The callable's return value of the last measured call can be saved with ``torch.save`` so the
+parent can check results across methods. Children set their ``oom_score_adj`` to 1000: on a
+shared machine, a case that runs out of memory is killed (and reported as "oom") before any
+other process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+_HERE = Path(__file__).resolve().parent
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_MiB = 2**20
+
+
+@dataclasses.dataclass
+class Measurement:
+    """Outcome of one isolated case.
+
+    ``status`` is "ok", "oom" (killed by SIGKILL or an allocation failure), "timeout",
+    "error", or "skipped" (set by callers that decide not to run a case); ``detail`` says more
+    when it is not "ok". ``seconds`` holds every measured call's wall-clock time and
+    ``cpu_seconds`` its process CPU time (user + system, all threads): when other processes
+    share the CPU, wall time grows and CPU time much less, so the two together tell a slow
+    method from a busy machine.
+    """
+
+    status: str
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    cpu_seconds: list[float] = dataclasses.field(default_factory=list)
+    extra_peak_bytes: int | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def median_cpu_s(self) -> float | None:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else None
+
+    @property
+    def extra_peak_mib(self) -> float | None:
+        return None if self.extra_peak_bytes is None else self.extra_peak_bytes / _MiB
+
+
+def run_isolated(case: str, params: dict[str, Any], *, repeats: int = 3, warmup: int = 1,
+                 threads: int | None = None, timeout_s: float | None = None,
+                 save_result: Path | None = None) -> Measurement:
+    """Measure ``case`` (``"module:function"``) called with ``params`` in a fresh interpreter.
+
+    Args:
+        case: factory that prepares the work and returns the callable to measure.
+        params: JSON-serializable keyword arguments of the factory.
+        repeats: measured calls (at least 1).
+        warmup: unmeasured calls before them.
+        threads: intra-op threads (torch.set_num_threads, OMP/MKL/OpenBLAS env); None keeps
+            the default.
+        timeout_s: wall-clock limit of the whole child; None for no limit.
+        save_result: where the child ``torch.save``s the last measured call's return value.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    env = dict(os.environ)
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+    with tempfile.TemporaryDirectory(prefix="vse_bench_") as tmp:
+        report = Path(tmp) / "report.json"
+        request = {"case": case, "params": params, "repeats": repeats, "warmup": warmup,
+                   "threads": threads, "report": str(report),
+                   "save_result": None if save_result is None else str(save_result)}
+        try:
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(request)],
+                                  env=env, timeout=timeout_s, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        except subprocess.TimeoutExpired:
+            return Measurement("timeout", detail=f"no result within {timeout_s:g} s")
+        if report.exists():
+            return Measurement(**json.loads(report.read_text()))
+        if proc.returncode == -signal.SIGKILL:
+            return Measurement("oom", detail="killed by SIGKILL (out of memory)")
+        tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout else []
+        return Measurement("error", detail=f"exit code {proc.returncode}: {' '.join(tail)}")
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class _PeakRSS:
+    """Peak resident memory of this process during a ``with`` block, minus RSS at its start."""
+
+    def __init__(self, interval_s: float = 1e-3):
+        self._interval_s = interval_s
+        self._use_hwm = False
+        self._baseline = 0
+        self._stop = threading.Event()
+        self._sampled_peak = 0
+        self._thread: threading.Thread | None = None
+        self.extra_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+
+    @staticmethod
+    def _hwm() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("VmHWM missing from /proc/self/status")
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._sampled_peak = max(self._sampled_peak, self._rss())
+
+    def __enter__(self) -> "_PeakRSS":
+        self._use_hwm = self._reset_hwm()
+        self._baseline = self._rss()
+        self._sampled_peak = self._baseline
+        if not self._use_hwm:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        peak = max(self._sampled_peak, self._rss(), self._hwm() if self._use_hwm else 0)
+        self.extra_bytes = max(0, peak - self._baseline)
+
+
+def _resolve(case: str) -> Callable[..., Callable[[], Any]]:
+    module, _, function = case.partition(":")
+    if not function:
+        raise ValueError(f"case must be 'module:function', got {case!r}")
+    return getattr(importlib.import_module(module), function)
+
+
+def _is_oom(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+def _offer_to_oom_killer() -> None:
+    """Make this process the OOM killer's first choice, so that a benchmark that overruns the
+    machine's memory (a materialized baseline) dies instead of someone else's job."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
+
+def _child(request: dict[str, Any]) -> None:
+    """Entry point of the subprocess: prepare, warm up, measure, write the report."""
+    _offer_to_oom_killer()
+    sys.path.insert(0, str(_HERE))
+    import torch
+
+    if request["threads"] is not None:
+        torch.set_num_threads(request["threads"])
+    report = Path(request["report"])
+    try:
+        fn = _resolve(request["case"])(**request["params"])
+        for _ in range(request["warmup"]):
+            fn()
+        seconds, cpu_seconds, extra, result = [], [], 0, None
+        for _ in range(request["repeats"]):
+            result = None
+            gc.collect()
+            with _PeakRSS() as peak:
+                start, cpu_start = time.perf_counter(), time.process_time()
+                result = fn()
+                seconds.append(time.perf_counter() - start)
+                cpu_seconds.append(time.process_time() - cpu_start)
+            extra = max(extra, peak.extra_bytes)
+        if request["save_result"] is not None:
+            torch.save(result, request["save_result"])
+        outcome = Measurement("ok", seconds, cpu_seconds, extra)
+    except Exception as error:  # reported to the parent, which records it instead of dying
+        first_line = str(error).strip().splitlines()[:1]
+        outcome = Measurement("oom" if _is_oom(error) else "error",
+                              detail=f"{type(error).__name__}: {' '.join(first_line)}")
+    report.write_text(json.dumps(dataclasses.asdict(outcome)))
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))
