@@ -36,6 +36,27 @@ TORCH_LIBRARY(VSE_OPS_NAMESPACE, m) {
       "unified_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, float scale, float margin, "
       "Tensor row_saved, Tensor col_saved, int row_chunk, int col_chunk) -> (Tensor grad_img, "
       "Tensor grad_txt)");
+  // AOQ quintuplet loss (spec §3.3): the four offline inputs are [N, D] like img; saved [N, 7]
+  // = ∂loss/∂(p, u, w, x, y, q, z) per anchor, row_index / col_index [N, 1] the hardest valid
+  // negative of each row / column (-1: none). The backward is sparse (no GEMM).
+  m.def(
+      "quintuplet_forward(Tensor img, Tensor txt, Tensor off_img, Tensor off_txt, Tensor img2, Tensor txt2, "
+      "Tensor labels, float margin_online, float margin_offline, float alpha, float beta, bool detach_weights, "
+      "int row_chunk, int col_chunk) -> (Tensor loss, Tensor saved, Tensor row_index, Tensor col_index)");
+  m.def(
+      "quintuplet_backward(Tensor grad, Tensor img, Tensor txt, Tensor off_img, Tensor off_txt, Tensor img2, "
+      "Tensor txt2, Tensor saved, Tensor row_index, Tensor col_index) -> (Tensor grad_img, Tensor grad_txt, "
+      "Tensor grad_off_img, Tensor grad_off_txt, Tensor grad_img2, Tensor grad_txt2)");
+  // GOAL (spec §5): loss = Σ (N − P) (the logging value); the backward injects grad times
+  // the weighted G, not the derivative of the loss. row_saved / col_saved [N, 2] = the
+  // weights of the hardest negative and of the positive, row_index / col_index [N, 1].
+  m.def(
+      "goal_forward(Tensor img, Tensor txt, Tensor labels, str triplet_weight, str pair_weight, float tau, "
+      "float a, float b, float lam, int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, "
+      "Tensor col_saved, Tensor row_index, Tensor col_index)");
+  m.def(
+      "goal_backward(Tensor grad, Tensor img, Tensor txt, Tensor row_saved, Tensor col_saved, Tensor row_index, "
+      "Tensor col_index) -> (Tensor grad_img, Tensor grad_txt)");
 }
 
 // `import vse_cuda._C` (or `_simt`) dlopens the library, which runs the registrations above.

@@ -1,5 +1,5 @@
 """Inputs, label patterns and comparisons shared by the loss tests (test_triplet.py,
-test_unified.py). Not a test module."""
+test_unified.py, test_quintuplet.py, test_goal.py). Not a test module."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfl
 LABEL_KINDS = (None, "random", "pairs", "same")
 
 
-def random_inputs(n: int, d: int, dtype: torch.dtype = torch.float64, seed: int = 0):
+def random_inputs(n: int, d: int, dtype: torch.dtype = torch.float64, seed: int = 0, count: int = 2):
+    """`count` [n, d] standard normal tensors (img, txt, then any further inputs)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype),
-            torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype))
+    return tuple(torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(count))
 
 
-def grid_inputs(n: int, d: int, dtype: torch.dtype = torch.float64, seed: int = 0):
+def grid_inputs(n: int, d: int, dtype: torch.dtype = torch.float64, seed: int = 0, count: int = 2):
     """Entries in {-3/4, …, 3/4}: exact in every dtype, and so is every similarity (a multiple
     of 1/16) in any summation order, so mining decisions, exact ties and hinges at exactly 0
     (margins that are multiples of 1/16) are the same for the engine and the oracle."""
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randint(-3, 4, (n, d), generator=g).to(dtype) / 4 for _ in range(2))
+    return tuple(torch.randint(-3, 4, (n, d), generator=g).to(dtype) / 4 for _ in range(count))
 
 
 def make_labels(kind: str | None, n: int, seed: int = 0) -> torch.Tensor | None:
@@ -53,12 +53,11 @@ def chunk_options(n: int) -> list[int | None]:
     return options
 
 
-def loss_and_grads(fn, img: torch.Tensor, txt: torch.Tensor):
-    """fn(img, txt) and its gradients with respect to both inputs (fresh leaves)."""
-    img = img.detach().clone().requires_grad_(True)
-    txt = txt.detach().clone().requires_grad_(True)
-    loss = fn(img, txt)
-    grads = torch.autograd.grad(loss, (img, txt))
+def loss_and_grads(fn, *inputs: torch.Tensor):
+    """fn(*inputs) (e.g. img, txt) and its gradients with respect to every input (fresh leaves)."""
+    leaves = tuple(x.detach().clone().requires_grad_(True) for x in inputs)
+    loss = fn(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
     return loss.detach(), grads
 
 

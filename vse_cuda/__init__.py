@@ -5,14 +5,19 @@ The oracle every kernel is tested against is :mod:`vse_cuda.reference`.
 """
 
 from ._lib import backends, use_backend
-from .losses import TripletLoss, UnifiedLoss, triplet_loss, unified_loss
+from .losses import (GoalLoss, QuintupletLoss, TripletLoss, UnifiedLoss, goal_loss, quintuplet_loss, triplet_loss,
+                     unified_loss)
 from .similarity import similarity
 from .topk import topk_similar
 
 __all__ = [
+    "GoalLoss",
+    "QuintupletLoss",
     "TripletLoss",
     "UnifiedLoss",
     "backends",
+    "goal_loss",
+    "quintuplet_loss",
     "similarity",
     "topk_similar",
     "triplet_loss",

@@ -1,5 +1,6 @@
 """In-batch image–text retrieval losses over the chunked engine (DESIGN §3): the triplet loss
-(VSE0 / VSE++ / top-k mining) and the unified loss, as functions and ``nn.Module``s.
+(VSE0 / VSE++ / top-k mining), the unified loss, the AOQ quintuplet loss and GOAL, as
+functions and ``nn.Module``s.
 
 The N×N similarity matrix is never materialized: S = img·txtᵀ is computed in row chunks
 whose size comes from a memory budget, each chunk reduced to per-row and per-column state.
@@ -27,8 +28,11 @@ from ._validation import (
 
 MINING_MODES = ("hardest", "all", "topk")
 REDUCTIONS = ("sum", "mean")
+TRIPLET_WEIGHTS = ("con", "nca", "cir")
+PAIR_WEIGHTS = ("con", "lin", "sig", "lin_ms", "sig_ms")
 
-__all__ = ["TripletLoss", "UnifiedLoss", "triplet_loss", "unified_loss"]
+__all__ = ["GoalLoss", "QuintupletLoss", "TripletLoss", "UnifiedLoss", "goal_loss", "quintuplet_loss", "triplet_loss",
+           "unified_loss"]
 
 
 def triplet_loss(
@@ -85,7 +89,7 @@ def triplet_loss(
     _check_group("triplet_loss", group)
     chunks = _chunks(n, img.dtype, chunk_size)
     out_dtype = img.dtype
-    img, txt = _prepare(img, txt, normalize)
+    img, txt = _prepare(normalize, img, txt)
     k = min(k, n) if mining == "topk" else 1
     op = _lib.ops(img, txt).triplet_forward
     total = op(img, txt, _labels_or_empty(labels, img), margin, mining, k, chunks.rows, chunks.cols)[0]
@@ -137,9 +141,151 @@ def unified_loss(
     _check_group("unified_loss", group)
     chunks = _chunks(n, img.dtype, chunk_size)
     out_dtype = img.dtype
-    img, txt = _prepare(img, txt, normalize)
+    img, txt = _prepare(normalize, img, txt)
     op = _lib.ops(img, txt).unified_forward
     total = op(img, txt, _labels_or_empty(labels, img), scale, margin, chunks.rows, chunks.cols)[0]
+    return _reduce(total, n, reduction).to(out_dtype)
+
+
+def quintuplet_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    off_img: torch.Tensor,
+    off_txt: torch.Tensor,
+    img2: torch.Tensor,
+    txt2: torch.Tensor,
+    *,
+    margin_online: float = 0.2,
+    margin_offline: float = 0.0,
+    alpha: float = 0.3,
+    beta: float = 1.5,
+    detach_weights: bool = False,
+    labels: torch.Tensor | None = None,
+    normalize: bool = False,
+    reduction: str = "sum",
+    group=None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """AOQ adaptive offline quintuplet loss (spec §3.3) of the paired batch on S = img·txtᵀ.
+
+    Per anchor i, with p = S_ii, u = S_{i,c(i)} and w = S_{r(i),i} the hardest valid in-batch
+    negatives of row i and column i (the lowest index on ties), and the offline scores
+    x = ⟨img_i, off_txt_i⟩, y = ⟨off_img_i, txt_i⟩, q = ⟨off_img_i, off_txt_i⟩, z = ⟨img2_i, txt2_i⟩:
+
+    ``L = Σ_i ω_i [m₁ + u_i − p_i]_+ + ν_i [m₁ + w_i − p_i]_+ + Σ_{s ∈ x,y,q,z} [m₂ + s_i − p_i]_+``
+
+    with the adaptive weights ``ω = β − (x − u)/α`` and ``ν = β − (y − w)/α`` (unclamped). An
+    online term whose anchor has no valid in-batch negative is 0; the four offline terms always
+    count. The hinge's gradient at exactly 0 is 0.
+
+    Args:
+        img, txt: [N, D] the batch's pairs (I, T).
+        off_img, off_txt: [N, D] the offline hard negatives (Ĩ, T̃) of each pair.
+        img2, txt2: [N, D] the pairs (I′, T′) sharing no anchor with (I, T).
+            All six: float16/bfloat16/float32/float64, same shape, dtype and device (half
+            types are computed in float32; the loss and the gradients come back in the input
+            dtype).
+        margin_online: m₁, a finite number.
+        margin_offline: m₂, a finite number.
+        alpha: α > 0.
+        beta: β, a finite number.
+        detach_weights: treat ω, ν as constants; False (the official code) lets the gradient
+            flow through them (spec §3.5).
+        labels: optional int64 [N] image ids; same-label in-batch pairs are never negatives
+            (the offline terms are not masked).
+        normalize: L2-normalize all six inputs first (``F.normalize``).
+        reduction: "sum" or "mean" (sum / N).
+        group: negatives gathered across ranks; not implemented yet (raises).
+        chunk_size: rows of S per chunk (default: from the memory budget).
+
+    Returns:
+        0-dim tensor in ``img.dtype``, differentiable with respect to all six inputs.
+    """
+    n = _check_pair(img, txt, off_img=off_img, off_txt=off_txt, img2=img2, txt2=txt2)
+    margin_online = check_finite("margin_online", margin_online)
+    margin_offline = check_finite("margin_offline", margin_offline)
+    alpha = check_finite("alpha", alpha, positive=True)
+    beta = check_finite("beta", beta)
+    check_bool("detach_weights", detach_weights)
+    reduction = check_choice("reduction", reduction, REDUCTIONS)
+    check_bool("normalize", normalize)
+    labels = check_labels("labels", labels, n, img.device)
+    _check_group("quintuplet_loss", group)
+    chunks = _chunks(n, img.dtype, chunk_size)
+    out_dtype = img.dtype
+    inputs = _prepare(normalize, img, txt, off_img, off_txt, img2, txt2)
+    op = _lib.ops(*inputs).quintuplet_forward
+    total = op(*inputs, _labels_or_empty(labels, img), margin_online, margin_offline, alpha, beta, detach_weights,
+               chunks.rows, chunks.cols)[0]
+    return _reduce(total, n, reduction).to(out_dtype)
+
+
+def goal_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    *,
+    triplet_weight: str = "con",
+    pair_weight: str = "con",
+    tau: float = 1.0,
+    a: float = 2.0,
+    b: float = 10.0,
+    lam: float = 0.5,
+    labels: torch.Tensor | None = None,
+    normalize: bool = False,
+    reduction: str = "sum",
+    group=None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """GOAL (spec §5) of the paired batch on S = img·txtᵀ: a gradient, not a loss.
+
+    Per anchor (image rows i2t, caption columns t2i) with a valid in-batch negative, P = S_ii
+    and N its hardest valid negative (no margin; the lowest index on ties). The value is the
+    logging value ``Σ (N − P)`` over both directions; the backward injects, times
+    ``grad_output``, ``∂/∂S_{i,c(i)} = w_t·w_n`` and ``∂/∂S_ii = −w_t·w_p`` per anchor, the
+    weights held constant:
+
+    * ``triplet_weight`` w_t: "con" 1, "nca" σ(τ(N − P)), "cir" σ(τ((1 − P)² + N² − 0.5));
+    * ``pair_weight`` (w_p, w_n): "con" (1, 1), "lin" (1 − P, N),
+      "sig" (1/(e^{a(P−λ)} + 1), 1/(e^{−b(N−λ)} + 1)), and with the batch's relative
+      similarities R⁺, R⁻ (means over the sets of spec §5.2; 0 when empty)
+      "sig_ms" (1/(e^{a(P−λ)} + R⁺), 1/(e^{−b(N−λ)} + R⁻)), "lin_ms" ((1 − R⁺)(1 − P), (1 + R⁻) N).
+
+    Unlike the official code, the injected gradient is scaled by ``grad_output`` (equal at 1),
+    so loss scaling works. An anchor without a valid negative contributes nothing.
+
+    Args:
+        img, txt: [N, D] float16/bfloat16/float32/float64 embeddings, same dtype and device.
+        triplet_weight: "con" (default), "nca" or "cir".
+        pair_weight: "con" (default), "lin", "sig", "lin_ms" or "sig_ms".
+        tau: τ > 0 (nca, cir).
+        a, b: the MS scales a > 0, b > 0 (sig, sig_ms).
+        lam: λ, a finite number (sig, sig_ms).
+        labels: optional int64 [N] image ids; same-label pairs are never negatives.
+        normalize: L2-normalize img and txt first (``F.normalize``).
+        reduction: "sum" or "mean" (value and gradient / N).
+        group: negatives gathered across ranks; not implemented yet (raises).
+        chunk_size: rows of S per chunk (default: from the memory budget).
+
+    Returns:
+        0-dim tensor in ``img.dtype`` whose backward injects the GOAL gradient into img and txt.
+    """
+    n = _check_pair(img, txt)
+    triplet_weight = check_choice("triplet_weight", triplet_weight, TRIPLET_WEIGHTS)
+    pair_weight = check_choice("pair_weight", pair_weight, PAIR_WEIGHTS)
+    tau = check_finite("tau", tau, positive=True)
+    a = check_finite("a", a, positive=True)
+    b = check_finite("b", b, positive=True)
+    lam = check_finite("lam", lam)
+    reduction = check_choice("reduction", reduction, REDUCTIONS)
+    check_bool("normalize", normalize)
+    labels = check_labels("labels", labels, n, img.device)
+    _check_group("goal_loss", group)
+    chunks = _chunks(n, img.dtype, chunk_size)
+    out_dtype = img.dtype
+    img, txt = _prepare(normalize, img, txt)
+    op = _lib.ops(img, txt).goal_forward
+    total = op(img, txt, _labels_or_empty(labels, img), triplet_weight, pair_weight, tau, a, b, lam, chunks.rows,
+               chunks.cols)[0]
     return _reduce(total, n, reduction).to(out_dtype)
 
 
@@ -195,15 +341,79 @@ class UnifiedLoss(nn.Module):
                 f"reduction={self.reduction!r}")
 
 
+class QuintupletLoss(nn.Module):
+    """:func:`quintuplet_loss` as a module: the keywords are fixed at construction (and checked
+    there), ``forward(img, txt, off_img, off_txt, img2, txt2, labels=None)`` takes the batch."""
+
+    def __init__(self, *, margin_online: float = 0.2, margin_offline: float = 0.0, alpha: float = 0.3,
+                 beta: float = 1.5, detach_weights: bool = False, normalize: bool = False, reduction: str = "sum",
+                 group=None, chunk_size: int | None = None):
+        super().__init__()
+        self.margin_online = check_finite("margin_online", margin_online)
+        self.margin_offline = check_finite("margin_offline", margin_offline)
+        self.alpha = check_finite("alpha", alpha, positive=True)
+        self.beta = check_finite("beta", beta)
+        self.detach_weights = check_bool("detach_weights", detach_weights)
+        self.normalize = check_bool("normalize", normalize)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        _check_group("QuintupletLoss", group)
+        self.group = group
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, off_img: torch.Tensor, off_txt: torch.Tensor,
+                img2: torch.Tensor, txt2: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return quintuplet_loss(img, txt, off_img, off_txt, img2, txt2, margin_online=self.margin_online,
+                               margin_offline=self.margin_offline, alpha=self.alpha, beta=self.beta,
+                               detach_weights=self.detach_weights, labels=labels, normalize=self.normalize,
+                               reduction=self.reduction, group=self.group, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"margin_online={self.margin_online}, margin_offline={self.margin_offline}, alpha={self.alpha}, "
+                f"beta={self.beta}, detach_weights={self.detach_weights}, normalize={self.normalize}, "
+                f"reduction={self.reduction!r}")
+
+
+class GoalLoss(nn.Module):
+    """:func:`goal_loss` as a module: the keywords are fixed at construction (and checked
+    there), ``forward(img, txt, labels=None)`` takes the batch."""
+
+    def __init__(self, *, triplet_weight: str = "con", pair_weight: str = "con", tau: float = 1.0, a: float = 2.0,
+                 b: float = 10.0, lam: float = 0.5, normalize: bool = False, reduction: str = "sum", group=None,
+                 chunk_size: int | None = None):
+        super().__init__()
+        self.triplet_weight = check_choice("triplet_weight", triplet_weight, TRIPLET_WEIGHTS)
+        self.pair_weight = check_choice("pair_weight", pair_weight, PAIR_WEIGHTS)
+        self.tau = check_finite("tau", tau, positive=True)
+        self.a = check_finite("a", a, positive=True)
+        self.b = check_finite("b", b, positive=True)
+        self.lam = check_finite("lam", lam)
+        self.normalize = check_bool("normalize", normalize)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        _check_group("GoalLoss", group)
+        self.group = group
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return goal_loss(img, txt, triplet_weight=self.triplet_weight, pair_weight=self.pair_weight, tau=self.tau,
+                         a=self.a, b=self.b, lam=self.lam, labels=labels, normalize=self.normalize,
+                         reduction=self.reduction, group=self.group, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"triplet_weight={self.triplet_weight!r}, pair_weight={self.pair_weight!r}, tau={self.tau}, "
+                f"a={self.a}, b={self.b}, lam={self.lam}, normalize={self.normalize}, reduction={self.reduction!r}")
+
+
 # ------------------------------------------------------------------------------- helpers
 
-def _check_pair(img: object, txt: object) -> int:
-    """Paired [N, D] embeddings with N >= 1; returns N."""
-    check_embeddings("img", img)
-    check_embeddings("txt", txt)
-    check_compatible(("img", "txt"), (img, txt))
-    if txt.size(0) != img.size(0):
-        raise ValueError(f"txt has N={txt.size(0)} rows but img has N={img.size(0)}: the inputs are paired")
+def _check_pair(img: object, txt: object, **more: object) -> int:
+    """Paired [N, D] embeddings (img, txt and any further ones, by name) with N >= 1; returns N."""
+    names, tensors = ("img", "txt", *more), (img, txt, *more.values())
+    for name, x in zip(names, tensors):
+        check_embeddings(name, x)
+    check_compatible(names, tensors)
+    for name, x in zip(names[1:], tensors[1:]):
+        if x.size(0) != img.size(0):
+            raise ValueError(f"{name} has N={x.size(0)} rows but img has N={img.size(0)}: the inputs are paired")
     if img.size(0) == 0:
         raise ValueError("img and txt must hold at least one pair, got N=0")
     return img.size(0)
@@ -222,13 +432,13 @@ def _chunks(n: int, dtype: torch.dtype, chunk_size: int | None):
     return plan_chunks(n, n, dtype, chunk_size)
 
 
-def _prepare(img: torch.Tensor, txt: torch.Tensor, normalize: bool):
+def _prepare(normalize: bool, *embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """With ``normalize``, L2-normalized copies in the compute dtype (half types in float32,
     as the engine computes), so autograd takes the gradient through the normalization."""
     if normalize:
-        dtype = torch.float64 if img.dtype == torch.float64 else torch.float32
-        img, txt = F.normalize(img.to(dtype), dim=1), F.normalize(txt.to(dtype), dim=1)
-    return img, txt
+        dtype = _acc_dtype(embeddings[0].dtype)
+        embeddings = tuple(F.normalize(x.to(dtype), dim=1) for x in embeddings)
+    return embeddings
 
 
 def _labels_or_empty(labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -269,6 +479,27 @@ def _register(namespace: str) -> None:
     def _(grad, img, txt, labels, scale, margin, row_saved, col_saved, row_chunk, col_chunk):
         return img.new_empty(img.shape), txt.new_empty(txt.shape)
 
+    @torch.library.register_fake(f"{namespace}::quintuplet_forward")
+    def _(img, txt, off_img, off_txt, img2, txt2, labels, margin_online, margin_offline, alpha, beta, detach_weights,
+          row_chunk, col_chunk):
+        n, acc = img.size(0), _acc_dtype(img.dtype)
+        return (img.new_empty((), dtype=acc), img.new_empty(n, 7, dtype=acc), img.new_empty(n, 1, dtype=torch.int64),
+                img.new_empty(n, 1, dtype=torch.int64))
+
+    @torch.library.register_fake(f"{namespace}::quintuplet_backward")
+    def _(grad, img, txt, off_img, off_txt, img2, txt2, saved, row_index, col_index):
+        return tuple(x.new_empty(x.shape) for x in (img, txt, off_img, off_txt, img2, txt2))
+
+    @torch.library.register_fake(f"{namespace}::goal_forward")
+    def _(img, txt, labels, triplet_weight, pair_weight, tau, a, b, lam, row_chunk, col_chunk):
+        n, acc = img.size(0), _acc_dtype(img.dtype)
+        return (img.new_empty((), dtype=acc), img.new_empty(n, 2, dtype=acc), img.new_empty(n, 2, dtype=acc),
+                img.new_empty(n, 1, dtype=torch.int64), img.new_empty(n, 1, dtype=torch.int64))
+
+    @torch.library.register_fake(f"{namespace}::goal_backward")
+    def _(grad, img, txt, row_saved, col_saved, row_index, col_index):
+        return img.new_empty(img.shape), txt.new_empty(txt.shape)
+
     # Only the loss is differentiable; the saved state and index lists are constants.
     def setup_triplet(ctx, inputs, output):
         img, txt, labels, margin, mining, k, row_chunk, col_chunk = inputs
@@ -298,8 +529,33 @@ def _register(namespace: str) -> None:
                                                   row_chunk, col_chunk)
         return grad_img, grad_txt, None, None, None, None, None
 
+    def setup_quintuplet(ctx, inputs, output):
+        *embeddings, labels, margin_online, margin_offline, alpha, beta, detach_weights, row_chunk, col_chunk = inputs
+        _, saved, row_index, col_index = output
+        ctx.mark_non_differentiable(saved, row_index, col_index)
+        ctx.save_for_backward(*embeddings, saved, row_index, col_index)
+
+    def backward_quintuplet(ctx, grad, *_):
+        grads = ops.quintuplet_backward(grad, *ctx.saved_tensors)
+        return (*grads, None, None, None, None, None, None, None, None)
+
+    # GOAL's backward injects grad times the weights saved in forward (constants), not the
+    # derivative of the value.
+    def setup_goal(ctx, inputs, output):
+        img, txt, *_ = inputs
+        _, row_saved, col_saved, row_index, col_index = output
+        ctx.mark_non_differentiable(row_saved, col_saved, row_index, col_index)
+        ctx.save_for_backward(img, txt, row_saved, col_saved, row_index, col_index)
+
+    def backward_goal(ctx, grad, *_):
+        grad_img, grad_txt = ops.goal_backward(grad, *ctx.saved_tensors)
+        return grad_img, grad_txt, None, None, None, None, None, None, None, None, None
+
     torch.library.register_autograd(f"{namespace}::triplet_forward", backward_triplet, setup_context=setup_triplet)
     torch.library.register_autograd(f"{namespace}::unified_forward", backward_unified, setup_context=setup_unified)
+    torch.library.register_autograd(f"{namespace}::quintuplet_forward", backward_quintuplet,
+                                    setup_context=setup_quintuplet)
+    torch.library.register_autograd(f"{namespace}::goal_forward", backward_goal, setup_context=setup_goal)
 
 
 _register("vse_cuda")

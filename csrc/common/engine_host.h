@@ -133,9 +133,11 @@ struct MinedLists {
   at::Tensor row_values, row_indices, col_values, col_indices, positive;
 };
 
-template <class Engine, typename T>
+// on_tile(tile, r0, c0), when given, sees every tile after the lists did (a backend's extra
+// reduction in the same sweep, e.g. GOAL's negative sets in cpu::mine_negatives).
+template <class Engine, typename T, typename OnTile>
 MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
-                          int64_t row_chunk, int64_t col_chunk) {
+                          int64_t row_chunk, int64_t col_chunk, const OnTile& on_tile) {
   using Passes = typename Engine::template Mined<T>;
   const int64_t n = a.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "mined losses: at most 2^31-1 pairs");
@@ -146,8 +148,16 @@ MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_
     copy_positives(tile, r0, c0, lists.positive);
     Passes::rows(tile, r0, c0, labels, lists.row_values, lists.row_indices);
     Passes::columns(tile, r0, c0, labels, lists.col_values, lists.col_indices);
+    on_tile(tile, r0, c0);
   });
   return lists;
+}
+
+template <class Engine, typename T>
+MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
+                          int64_t row_chunk, int64_t col_chunk) {
+  return mine_negatives<Engine, T>(a, b, labels, k, row_chunk, col_chunk,
+                                   [](const at::Tensor&, int64_t, int64_t) {});
 }
 
 // Entries of a sparse G grouped by the output row they feed (CSR): entry e of group g is
