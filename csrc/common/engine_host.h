@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -53,16 +54,19 @@ inline const int64_t* labels_data(const at::Tensor& labels) {
 // positives S_ii before any tile is seen. O(N·D).
 inline at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) { return (a * b).sum(1).contiguous(); }
 
-// [n, W] states, each State{} (an empty state), as T on the device of `options`.
+// [n, W] states, each State{} (an empty state), as T on the device of `options` (filled
+// column by column: no host-to-device copy, which would synchronize the stream).
 template <typename T, typename State>
 at::Tensor initial_states(int64_t n, const at::TensorOptions& options) {
   static_assert(std::is_trivially_copyable_v<State> && sizeof(State) % sizeof(T) == 0,
                 "a state must be a plain aggregate of T");
   constexpr int64_t width = sizeof(State) / sizeof(T);
-  State empty{};
-  const auto one = at::from_blob(&empty, {1, width}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  // A copy in every case: to() and contiguous() may return views of `empty`.
-  return one.to(options.device()).expand({n, width}).clone(at::MemoryFormat::Contiguous);
+  const State empty{};
+  T fields[width];
+  std::memcpy(fields, &empty, sizeof(State));
+  auto states = at::empty({n, width}, options);
+  for (int64_t c = 0; c < width; ++c) states.select(1, c).fill_(fields[c]);
+  return states;
 }
 
 // Copies the positives S_ii lying in the tile S[r0 : r0+rows, c0 : c0+cols] into positive.
