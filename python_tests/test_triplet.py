@@ -183,14 +183,15 @@ def test_gradcheck(backend, device, on_backend, mining, k, normalize):
 
 @pytest.mark.parametrize("labelled", [False, True])
 @pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
-def test_opcheck(mining, k, labelled):
-    img, txt = (x.float().requires_grad_() for x in random_inputs(9, 5, seed=3))
-    labels = make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)
-    op = torch.ops.vse_cuda
+def test_opcheck(backend, device, on_backend, mining, k, labelled):
+    img, txt = (x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3))
+    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
+    with on_backend():
+        op = vse_cuda._lib.ops(img, txt)
     torch.library.opcheck(op.triplet_forward.default, (img, txt, labels, 0.2, mining, k, 4, 6))
     _, *saved = op.triplet_forward(img.detach(), txt.detach(), labels, 0.2, mining, k, 4, 6)
-    torch.library.opcheck(op.triplet_backward.default,
-                          (torch.tensor(1.5), img.detach(), txt.detach(), labels, 0.2, mining, *saved, 4, 6))
+    torch.library.opcheck(op.triplet_backward.default, (torch.tensor(1.5, device=device), img.detach(), txt.detach(),
+                                                        labels, 0.2, mining, *saved, 4, 6))
 
 
 @pytest.mark.parametrize("mining", ["hardest", "topk"])

@@ -152,14 +152,15 @@ def test_gradcheck(backend, device, on_backend, labelled, normalize):
 
 
 @pytest.mark.parametrize("labelled", [False, True])
-def test_opcheck(labelled):
-    img, txt = (x.float().requires_grad_() for x in random_inputs(9, 5, seed=3))
-    labels = make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)
-    op = torch.ops.vse_cuda
+def test_opcheck(backend, device, on_backend, labelled):
+    img, txt = (x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3))
+    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
+    with on_backend():
+        op = vse_cuda._lib.ops(img, txt)
     torch.library.opcheck(op.unified_forward.default, (img, txt, labels, 20.0, 0.2, 4, 6))
     _, *saved = op.unified_forward(img.detach(), txt.detach(), labels, 20.0, 0.2, 4, 6)
-    torch.library.opcheck(op.unified_backward.default,
-                          (torch.tensor(0.5), img.detach(), txt.detach(), labels, 20.0, 0.2, *saved, 4, 6))
+    torch.library.opcheck(op.unified_backward.default, (torch.tensor(0.5, device=device), img.detach(), txt.detach(),
+                                                        labels, 20.0, 0.2, *saved, 4, 6))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
