@@ -3,6 +3,7 @@ test_unified.py, test_quintuplet.py, test_goal.py). Not a test module."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 #: (rtol, atol relative to the largest expected magnitude) per input dtype: float64 to
@@ -26,6 +27,25 @@ def grid_inputs(n: int, d: int, dtype: torch.dtype = torch.float64, seed: int = 
     (margins that are multiples of 1/16) are the same for the engine and the oracle."""
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randint(-3, 4, (n, d), generator=g).to(dtype) / 4 for _ in range(count))
+
+
+#: The "cuda" backend of a test's backend list, as in conftest.BACKENDS: marked, and skipped
+#: where no GPU exists.
+CUDA_BACKEND = pytest.param("cuda", marks=[pytest.mark.cuda,
+                                           pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])
+
+
+def per_backend(backends, cases, simt_cases):
+    """Parameters (backend, *case) of a test grid: every case on each backend, but only
+    `simt_cases` on "simt" (the SIMT executor runs each GPU thread as a CPU fiber, so its grid
+    is trimmed to keep a test file's run short). A backend may be a pytest.param carrying
+    marks (CUDA_BACKEND)."""
+    params = []
+    for backend in backends:
+        name, marks = (backend.values[0], backend.marks) if hasattr(backend, "marks") else (backend, ())
+        for case in simt_cases if name == "simt" else cases:
+            params.append(pytest.param(name, *case, marks=marks))
+    return params
 
 
 def make_labels(kind: str | None, n: int, seed: int = 0) -> torch.Tensor | None:

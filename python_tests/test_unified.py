@@ -18,14 +18,13 @@ import torch.nn.functional as F
 import vse_cuda
 from vse_cuda import reference as ref
 
-from _loss_cases import (LABEL_KINDS, TOL, assert_close, chunk_options, grid_inputs, loss_and_grads, make_labels,
-                         random_inputs)
+from _loss_cases import (CUDA_BACKEND, LABEL_KINDS, TOL, assert_close, chunk_options, grid_inputs, loss_and_grads,
+                         make_labels, per_backend, random_inputs)
 
-LOSS_BACKENDS = ["cpu"]
-"""Backends these tests run on: the CUDA/SIMT kernels of the losses are not written yet, so
-the losses run on the CPU engine only."""
+LOSS_BACKENDS = ["cpu", "simt", CUDA_BACKEND]
 
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
+SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
 
 
 @pytest.fixture(params=LOSS_BACKENDS)
@@ -47,7 +46,7 @@ def oracle(**options):
 
 @pytest.mark.parametrize("scale,margin", [(20.0, 0.2), (1000.0, 0.1)])
 @pytest.mark.parametrize("label_kind", LABEL_KINDS)
-@pytest.mark.parametrize("n,d", SIZES)
+@pytest.mark.parametrize("backend,n,d", per_backend(LOSS_BACKENDS, SIZES, SIMT_SIZES))
 def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, scale, margin):
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
     labels = make_labels(label_kind, n)
@@ -153,14 +152,15 @@ def test_gradcheck(backend, device, on_backend, labelled, normalize):
 
 
 @pytest.mark.parametrize("labelled", [False, True])
-def test_opcheck(labelled):
-    img, txt = (x.float().requires_grad_() for x in random_inputs(9, 5, seed=3))
-    labels = make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)
-    op = torch.ops.vse_cuda
+def test_opcheck(backend, device, on_backend, labelled):
+    img, txt = (x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3))
+    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
+    with on_backend():
+        op = vse_cuda._lib.ops(img, txt)
     torch.library.opcheck(op.unified_forward.default, (img, txt, labels, 20.0, 0.2, 4, 6))
     _, *saved = op.unified_forward(img.detach(), txt.detach(), labels, 20.0, 0.2, 4, 6)
-    torch.library.opcheck(op.unified_backward.default,
-                          (torch.tensor(0.5), img.detach(), txt.detach(), labels, 20.0, 0.2, *saved, 4, 6))
+    torch.library.opcheck(op.unified_backward.default, (torch.tensor(0.5, device=device), img.detach(), txt.detach(),
+                                                        labels, 20.0, 0.2, *saved, 4, 6))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -179,6 +179,38 @@ def test_bitwise_deterministic(backend, device, on_backend):
     first, second = loss_and_grads(fn, img, txt), loss_and_grads(fn, img, txt)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+def test_simt_bitwise_deterministic_across_worker_counts(monkeypatch):
+    # The executor runs blocks on VSE_SIMT_THREADS OS threads: 1 and 3 workers interleave the
+    # blocks differently, and the results must not notice (no float atomics, fixed orders).
+    img, txt = random_inputs(150, 16, torch.float32, seed=10)
+    labels = make_labels("random", 150)
+    runs = []
+    for workers in ("1", "3", "1"):
+        monkeypatch.setenv("VSE_SIMT_THREADS", workers)
+        runs.append(loss_and_grads(ours(lambda: vse_cuda.use_backend("simt"), labels=labels, chunk_size=40),
+                                   img, txt))
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0])
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], other[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_simt_kernels_match_the_cpu_kernels(dtype):
+    # The ops themselves on 5 × 4 tiles (chunks 16 and 24 do not divide N = 75): the same
+    # saved state (layout and values) and gradients as the CPU kernels.
+    img, txt = random_inputs(75, 16, dtype, seed=11)
+    labels = make_labels("random", 75)
+    grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    results = []
+    for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
+        forward = ops.unified_forward(img, txt, labels, 5.0, 0.2, 16, 24)
+        results.append(forward + ops.unified_backward(grad, img, txt, labels, 5.0, 0.2, *forward[1:], 16, 24))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for got, want in zip(*reversed(results)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])

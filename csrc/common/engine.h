@@ -1,7 +1,20 @@
 #pragma once
 // Math of the chunked loss engine (DESIGN §3) shared by every backend: which entries of S
-// are negatives, the hinge, and the running log-sum-exp. The per-loss policies built from
-// these live in common/<loss>.h; the CPU and CUDA files only loop over tiles.
+// are negatives, the hinge, the running log-sum-exp and the gradient of a dense loss. The
+// per-loss policies built from these live in common/<loss>.h, the host orchestration in
+// common/engine_host.h; the CPU and CUDA files only loop over tiles.
+//
+// Dense policy interface (common/triplet.h HingeSumPolicy, common/unified.h UnifiedPolicy):
+//   State                              an anchor's running state over its negatives
+//   kPositiveFirst                     add() needs the anchor's positive S_ii: it is then
+//                                      ⟨a_i, b_i⟩ computed before the pass; otherwise S_ii
+//                                      is read from the tile it lies in, for finish() only
+//   add(state, S_ij, S_ii)             folds in one valid negative
+//   merge(state, other)                folds in the state of other negatives of the same
+//                                      anchor (a later column tile, another thread's share)
+//   finish(state, S_ii, saved) -> T    the anchor's loss term; writes kSavedWidth values
+//   weight(S_ij, saved) -> T           ∂term/∂S_ij of a valid negative, from the saved values
+//   diagonal(saved) -> T               ∂term/∂S_ii
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -9,6 +22,9 @@
 #include "common/macros.h"
 
 namespace vse {
+
+// Values a dense policy saves per anchor for its backward.
+constexpr int64_t kSavedWidth = 2;
 
 namespace math {
 // float/double overloads that name the same functions on the host and in CUDA device code.
@@ -81,5 +97,18 @@ struct LogSumExp {
     return sum == T(0) ? T(0) : softplus(max + shift + math::log(sum));
   }
 };
+
+// ∂L/∂S_ij of a dense loss (per unit of ∂/∂loss) from the saved values of row anchor i and
+// column anchor j = key (row_saved, col_saved: kSavedWidth values per anchor): the two anchors'
+// weights for a valid negative, their diagonal terms on the diagonal, 0 elsewhere.
+template <typename Policy, typename T>
+VSE_HOST_DEVICE T dense_entry_gradient(const Policy& policy, const int64_t* labels, int64_t i, int64_t key, T score,
+                                       const T* row_saved, const T* col_saved) {
+  if (is_negative(labels, i, key)) {
+    return policy.weight(score, row_saved + kSavedWidth * i) + policy.weight(score, col_saved + kSavedWidth * key);
+  }
+  if (key == i) return policy.diagonal(row_saved + kSavedWidth * i) + policy.diagonal(col_saved + kSavedWidth * i);
+  return T(0);
+}
 
 }  // namespace vse

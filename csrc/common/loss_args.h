@@ -10,12 +10,14 @@ inline void check_pair_args(const char* op, const at::Tensor& img, const at::Ten
   TORCH_CHECK(img.dim() == 2 && txt.dim() == 2, op, ": img and txt must be 2-D");
   TORCH_CHECK(img.sizes() == txt.sizes(), op, ": img and txt must have the same shape [N, D]");
   TORCH_CHECK(img.scalar_type() == txt.scalar_type(), op, ": dtypes differ");
+  TORCH_CHECK(img.device() == txt.device(), op, ": img and txt must be on the same device");
   TORCH_CHECK(at::isFloatingType(img.scalar_type()), op, ": img and txt must be floating point");
   TORCH_CHECK(row_chunk >= 1 && col_chunk >= 1, op, ": chunks must be >= 1");
   if (labels.numel() > 0) {
     TORCH_CHECK(labels.dim() == 1 && labels.size(0) == img.size(0), op,
                 ": labels must be 1-D with one entry per pair");
     TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64");
+    TORCH_CHECK(labels.device() == img.device(), op, ": labels must be on the device of img and txt");
   }
 }
 
@@ -25,6 +27,11 @@ inline void check_saved(const char* op, const char* name, const at::Tensor& save
   TORCH_CHECK(saved.dim() == 2 && saved.size(0) == n && saved.size(1) == width, op, ": ", name,
               " must have shape [", n, ", ", width, "]");
   TORCH_CHECK(saved.scalar_type() == dtype, op, ": ", name, " must be ", dtype);
+}
+
+// A tensor a backward takes besides the inputs (saved state, index lists) is on their device.
+inline void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& img) {
+  TORCH_CHECK(t.device() == img.device(), op, ": ", name, " must be on ", img.device(), ", got ", t.device());
 }
 
 }  // namespace vse

@@ -10,7 +10,7 @@
 
 namespace vse {
 
-// Dense policy (see cpu/engine.h for the interface) of mining "all": per anchor the sum of
+// Dense policy (see common/engine.h for the interface) of mining "all": per anchor the sum of
 // its hinges and the number of active ones. saved = {S_ii, −active}: an entry's gradient is
 // its hinge's indicator, recomputed from the same expression as in the forward; the
 // diagonal's is minus the count.
@@ -28,6 +28,10 @@ struct HingeSumPolicy {
     const T x = argument(score, positive);
     state.sum += hinge(x);
     state.active += hinge_grad(x);
+  }
+  VSE_HOST_DEVICE void merge(State& state, const State& other) const {
+    state.sum += other.sum;
+    state.active += other.active;
   }
   VSE_HOST_DEVICE T finish(const State& state, T positive, T* saved) const {
     saved[0] = positive;

@@ -8,7 +8,7 @@
 
 namespace vse {
 
-// Dense policy (see cpu/engine.h for the interface). saved = {γ (m − S_ii) − L_i,
+// Dense policy (see common/engine.h for the interface). saved = {γ (m − S_ii) − L_i,
 // −γ (1 − e^−L_i)}: π_ij = exp(γ S_ij + saved[0]) is the softmax weight of negative j, its
 // gradient γ π_ij, and the diagonal's −γ Σ_j π_ij (spec §4.3).
 template <typename T>
@@ -19,6 +19,7 @@ struct UnifiedPolicy {
   T margin;
 
   VSE_HOST_DEVICE void add(State& state, T score, T /*positive*/) const { state.add(scale * score); }
+  VSE_HOST_DEVICE void merge(State& state, const State& other) const { state.merge(other); }
   VSE_HOST_DEVICE T finish(const State& state, T positive, T* saved) const {
     const T shift = scale * (margin - positive);
     const T loss = state.log1p_shifted(shift);

@@ -29,14 +29,15 @@ std::tuple<at::Tensor, at::Tensor> topk_similar(const at::Tensor& queries, const
   const int slots = topk_slots(static_cast<int>(k), kTopkThreads);
 
   AT_DISPATCH_FLOATING_TYPES(acc, "topk_similar_cuda", [&] {
-    const size_t smem = static_cast<size_t>(slots) * (sizeof(scalar_t) + sizeof(int));
-    TORCH_CHECK(smem <= 200 * 1024, "topk_similar: k=", k, " needs ", smem,
-                " bytes of shared memory per block on CUDA; use k <= 8192 (float32)");
+    const size_t smem = topk_shared_bytes<scalar_t>(slots);
+    TORCH_CHECK(smem <= kTopkMaxSharedBytes, "topk_similar: k=", k, " needs ", smem,
+                " bytes of shared memory per block on CUDA; use k <= 8192 (float32) or 4096 (float64)");
+    const LabelExclusion excluded{qlab_ptr, klab_ptr};
     for_each_tile(queries, keys, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
-      launch(topk_tile_kernel<scalar_t>, dim3(static_cast<unsigned>(tile.size(0))), dim3(kTopkThreads),
-             smem, current_stream(), tile.data_ptr<scalar_t>(), tile.size(1), r0, c0, qlab_ptr,
-             klab_ptr, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), static_cast<int>(k),
-             slots);
+      const int64_t cols = tile.size(1);
+      launch(topk_tile_kernel<scalar_t, LabelExclusion>, dim3(static_cast<unsigned>(tile.size(0))),
+             dim3(kTopkThreads), smem, current_stream(), tile.data_ptr<scalar_t>(), cols, cols, int64_t{1}, r0,
+             c0, excluded, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), static_cast<int>(k), slots);
     });
   });
   return {values.to(queries.scalar_type()), indices};

@@ -1,0 +1,219 @@
+#pragma once
+// Host side of the chunked loss engine (DESIGN §3), shared by the CPU and CUDA backends: the
+// order of the sweeps, the state and saved layouts, the mined lists and the grouping of the
+// sparse gradient's entries by output row. Everything here is ATen on the tensors' device;
+// a backend supplies only its per-tile passes as an `Engine` (cpu/engine.h, cuda/engine.h):
+//
+//   Engine::Guard(tensor)          keeps the tensor's device current for the op's duration
+//   Engine::Dense<T, Policy>       the passes of a dense policy (common/engine.h):
+//     rows(policy, tile, r0, c0, labels, positive, row_state)
+//         folds each tile row's valid negatives into its row anchor's state
+//     columns(policy, tile, r0, c0, labels, positive, col_state)
+//         folds each tile column's valid negatives into its column anchor's state
+//     finish(policy, state, positive, terms, saved)
+//         terms[i] = policy.finish(state[i], positive[i], saved[i])
+//     gradient(policy, grad, tile, r0, c0, labels, row_saved, col_saved)
+//         tile := grad · dense_entry_gradient(...), in place
+//   Engine::Mined<T>               the passes of the mined (sparse-gradient) losses:
+//     rows(tile, r0, c0, labels, values, indices)
+//         merges each tile row's valid negatives into its row anchor's list (common/topk.h order)
+//     columns(tile, r0, c0, labels, values, indices)
+//         the same for each tile column and its column anchor
+//     hinge_terms(values, indices, positive, margin, weights, terms)
+//         terms[i] = mined_hinge_term(list i, positive[i], margin, weights[i])
+//     gather(grad, other, own_index, own_weight, groups, diagonal, out)
+//         out_i = grad·(diagonal_i·other_i + Σ_s own_weight[i,s]·other[own_index[i,s]]
+//                       + Σ_{(j, w) in group i} w·other_j), terms in this order
+//
+// Tensors are contiguous on the backend's device: tiles [rows, cols] of S in T; states
+// [N, sizeof(State) / sizeof(T)] in T, read as State[N]; positives [N]; saved [N, kSavedWidth];
+// lists [N, k] (values T, indices int64, −1 = empty); grad 0-dim in T; labels a device pointer
+// or nullptr. Each anchor's state or list sees its tiles in the order for_each_tile visits
+// them, and each backend reduces a tile in a fixed order (no float atomics), so every result
+// is bitwise reproducible on a backend; backends may differ from one another by rounding.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "common/engine.h"
+#include "common/tiles.h"
+
+namespace vse {
+
+inline const int64_t* labels_data(const at::Tensor& labels) {
+  return labels.numel() > 0 ? labels.data_ptr<int64_t>() : nullptr;
+}
+
+// The row-wise inner products ⟨a_i, b_i⟩ of two [N, D] tensors in the accumulate type: the
+// positives S_ii before any tile is seen. O(N·D).
+inline at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) { return (a * b).sum(1).contiguous(); }
+
+// [n, W] states, each State{} (an empty state), as T on the device of `options` (filled
+// column by column: no host-to-device copy, which would synchronize the stream).
+template <typename T, typename State>
+at::Tensor initial_states(int64_t n, const at::TensorOptions& options) {
+  static_assert(std::is_trivially_copyable_v<State> && sizeof(State) % sizeof(T) == 0,
+                "a state must be a plain aggregate of T");
+  constexpr int64_t width = sizeof(State) / sizeof(T);
+  const State empty{};
+  T fields[width];
+  std::memcpy(fields, &empty, sizeof(State));
+  auto states = at::empty({n, width}, options);
+  for (int64_t c = 0; c < width; ++c) states.select(1, c).fill_(fields[c]);
+  return states;
+}
+
+// Copies the positives S_ii lying in the tile S[r0 : r0+rows, c0 : c0+cols] into positive.
+inline void copy_positives(const at::Tensor& tile, int64_t r0, int64_t c0, const at::Tensor& positive) {
+  const int64_t lo = std::max(r0, c0), hi = std::min(r0 + tile.size(0), c0 + tile.size(1));
+  if (lo >= hi) return;
+  positive.narrow(0, lo, hi - lo).copy_(tile.narrow(0, lo - r0, hi - lo).narrow(1, lo - c0, hi - lo).diagonal());
+}
+
+// The loss from the anchors' terms: summed in double (float32 terms of a large batch would
+// lose digits), returned 0-dim in the terms' dtype.
+inline at::Tensor sum_terms(const at::Tensor& terms) {
+  return terms.to(at::kDouble).sum().to(terms.scalar_type());
+}
+
+// ------------------------------------------------------------------------------ dense losses
+
+// Forward of a dense loss: (loss summed over the row and column anchors, row_saved [N, 2],
+// col_saved [N, 2]). a and b are [N, D] contiguous in the accumulate type T.
+template <class Engine, typename T, typename Policy>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a, const at::Tensor& b,
+                                                             const int64_t* labels, const Policy& policy,
+                                                             int64_t row_chunk, int64_t col_chunk) {
+  using Passes = typename Engine::template Dense<T, Policy>;
+  using State = typename Policy::State;
+  const int64_t n = a.size(0);
+  const auto row_state = initial_states<T, State>(n, a.options());
+  const auto col_state = initial_states<T, State>(n, a.options());
+  const auto positive = Policy::kPositiveFirst ? row_dots(a, b) : at::zeros({n}, a.options());
+  for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
+    if constexpr (!Policy::kPositiveFirst) copy_positives(tile, r0, c0, positive);
+    Passes::rows(policy, tile, r0, c0, labels, positive, row_state);
+    Passes::columns(policy, tile, r0, c0, labels, positive, col_state);
+  });
+  const auto terms = at::empty({2, n}, a.options());
+  auto row_saved = at::empty({n, kSavedWidth}, a.options()), col_saved = at::empty({n, kSavedWidth}, a.options());
+  Passes::finish(policy, row_state, positive, terms[0], row_saved);
+  Passes::finish(policy, col_state, positive, terms[1], col_saved);
+  return {sum_terms(terms), row_saved, col_saved};
+}
+
+// Backward of a dense loss: recomputes each tile S_c, turns it into G_c = grad·∂L/∂S_c in
+// place from the saved row and column values, then dA_c = G_c·B_c and dB_c += G_cᵀ·A_c (two
+// GEMMs per tile, accumulated tile after tile in a fixed order). grad is 0-dim in T on the
+// device. Returns (dA, dB) in T.
+template <class Engine, typename T, typename Policy>
+std::tuple<at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
+                                                  const int64_t* labels, const Policy& policy, int64_t row_chunk,
+                                                  int64_t col_chunk, const at::Tensor& row_saved,
+                                                  const at::Tensor& col_saved) {
+  using Passes = typename Engine::template Dense<T, Policy>;
+  auto da = at::zeros_like(a), db = at::zeros_like(b);
+  for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
+    Passes::gradient(policy, grad, tile, r0, c0, labels, row_saved, col_saved);
+    const int64_t rows = tile.size(0), cols = tile.size(1);
+    da.narrow(0, r0, rows).addmm_(tile, b.narrow(0, c0, cols));
+    db.narrow(0, c0, cols).addmm_(tile.t(), a.narrow(0, r0, rows));
+  });
+  return {da, db};
+}
+
+// -------------------------------------------------------------------- mined (sparse) losses
+
+// Lists of hardest negatives: per row anchor i and per column anchor j the k best valid
+// negatives (values best first, empty slots index −1; order of common/topk.h), merged tile
+// after tile, and the positives S_ii, read from the tiles.
+struct MinedLists {
+  at::Tensor row_values, row_indices, col_values, col_indices, positive;
+};
+
+// on_tile(tile, r0, c0), when given, sees every tile after the lists did (a backend's extra
+// reduction in the same sweep, e.g. GOAL's negative sets in cpu::mine_negatives).
+template <class Engine, typename T, typename OnTile>
+MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
+                          int64_t row_chunk, int64_t col_chunk, const OnTile& on_tile) {
+  using Passes = typename Engine::template Mined<T>;
+  const int64_t n = a.size(0);
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "mined losses: at most 2^31-1 pairs");
+  const auto index_options = a.options().dtype(at::kLong);
+  MinedLists lists{at::zeros({n, k}, a.options()), at::full({n, k}, -1, index_options),
+                   at::zeros({n, k}, a.options()), at::full({n, k}, -1, index_options), at::zeros({n}, a.options())};
+  for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
+    copy_positives(tile, r0, c0, lists.positive);
+    Passes::rows(tile, r0, c0, labels, lists.row_values, lists.row_indices);
+    Passes::columns(tile, r0, c0, labels, lists.col_values, lists.col_indices);
+    on_tile(tile, r0, c0);
+  });
+  return lists;
+}
+
+template <class Engine, typename T>
+MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
+                          int64_t row_chunk, int64_t col_chunk) {
+  return mine_negatives<Engine, T>(a, b, labels, k, row_chunk, col_chunk,
+                                   [](const at::Tensor&, int64_t, int64_t) {});
+}
+
+// Entries of a sparse G grouped by the output row they feed (CSR): entry e of group g is
+// (source[e], weight[e]) for offset[g] <= e < offset[g + 1].
+struct Groups {
+  at::Tensor offset, source, weight;
+};
+
+// Groups the slots (anchor, s) of [n, k] lists by their listed index, skipping empty slots
+// and zero weights: a stable sort by index, so each group keeps increasing (anchor, s) order.
+// The skipped slots sort last, past offset[n].
+inline Groups group_by_index(const at::Tensor& index, const at::Tensor& weight) {
+  const int64_t n = index.size(0), k = index.size(1);
+  const auto flat = index.reshape(-1);
+  const auto flat_weight = weight.reshape(-1);
+  const auto listed = flat.ge(0).logical_and(flat_weight.ne(0));
+  const auto keys = at::where(listed, flat, n).to(at::kInt);
+  const auto [sorted, order] = keys.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  return {at::searchsorted(sorted, at::arange(n + 1, keys.options())), order.div(k, "floor"),
+          flat_weight.index_select(0, order)};
+}
+
+// dA = G·B and dB = Gᵀ·A, times grad, for the sparse G of a mined loss:
+//   G[i, row_index[i,s]] += row_weight[i,s]   (row anchor i's listed negatives)
+//   G[col_index[j,s], j] += col_weight[j,s]   (column anchor j's listed negatives)
+//   G[i, i]              += diagonal[i]
+// Slots with index −1 or weight 0 are skipped. Entries are grouped by output row and each
+// output row sums its entries in a fixed order: O(N·k·D), no GEMM, no atomics. a, b: [N, D];
+// index [N, k] int64; weights and diagonal in a's dtype (float or double). Returns (dA, dB)
+// in that dtype.
+template <class Engine>
+std::tuple<at::Tensor, at::Tensor> sparse_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
+                                                   const at::Tensor& row_index, const at::Tensor& row_weight,
+                                                   const at::Tensor& col_index, const at::Tensor& col_weight,
+                                                   const at::Tensor& diagonal) {
+  const auto a_ = a.contiguous(), b_ = b.contiguous();
+  const auto ri = row_index.contiguous(), ci = col_index.contiguous();
+  const auto rw = row_weight.contiguous(), cw = col_weight.contiguous(), dg = diagonal.contiguous();
+  TORCH_CHECK(a.size(0) <= std::numeric_limits<int32_t>::max(), "sparse_backward: at most 2^31-1 pairs");
+  TORCH_CHECK(col_index.size(1) == row_index.size(1), "sparse_backward: row and column lists differ in width");
+  const auto g = grad.to(a_.options());
+  // dA_i gathers B over row i of G: its own list, and the column lists that name row i.
+  const auto by_row = group_by_index(ci, cw);
+  // dB_j gathers A over column j of G: its own list, and the row lists that name column j.
+  const auto by_col = group_by_index(ri, rw);
+  auto da = at::empty_like(a_), db = at::empty_like(b_);
+  AT_DISPATCH_FLOATING_TYPES(a_.scalar_type(), "sparse_backward", [&] {
+    using Passes = typename Engine::template Mined<scalar_t>;
+    Passes::gather(g, b_, ri, rw, by_row, dg, da);
+    Passes::gather(g, a_, ci, cw, by_col, dg, db);
+  });
+  return {da, db};
+}
+
+}  // namespace vse

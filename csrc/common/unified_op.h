@@ -1,0 +1,62 @@
+#pragma once
+// unified_forward / unified_backward (schemas in csrc/ops.cpp) for any backend of the chunked
+// engine (common/engine_host.h): the dense engine with the policy of common/unified.h.
+// cpu/unified.cpp and cuda/unified.cu register them with their Engine.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <tuple>
+
+#include "common/engine_host.h"
+#include "common/loss_args.h"
+#include "common/unified.h"
+
+namespace vse {
+
+// Outputs: (loss summed over both directions in the accumulate type, row_saved [N, 2],
+// col_saved [N, 2]) with the saved values of UnifiedPolicy.
+template <class Engine>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unified_forward(const at::Tensor& img, const at::Tensor& txt,
+                                                               const at::Tensor& labels, double scale,
+                                                               double margin, int64_t row_chunk,
+                                                               int64_t col_chunk) {
+  check_pair_args("unified_forward", img, txt, labels, row_chunk, col_chunk);
+  const typename Engine::Guard guard(img);
+  const auto acc = accumulate_type(img.scalar_type());
+  const auto a = img.to(acc).contiguous(), b = txt.to(acc).contiguous();
+  const auto lab = labels.contiguous();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(acc, "unified_forward", [&] {
+    const UnifiedPolicy<scalar_t> policy{static_cast<scalar_t>(scale), static_cast<scalar_t>(margin)};
+    out = dense_forward<Engine, scalar_t>(a, b, labels_data(lab), policy, row_chunk, col_chunk);
+  });
+  return out;
+}
+
+template <class Engine>
+std::tuple<at::Tensor, at::Tensor> unified_backward(const at::Tensor& grad, const at::Tensor& img,
+                                                    const at::Tensor& txt, const at::Tensor& labels, double scale,
+                                                    double margin, const at::Tensor& row_saved,
+                                                    const at::Tensor& col_saved, int64_t row_chunk,
+                                                    int64_t col_chunk) {
+  check_pair_args("unified_backward", img, txt, labels, row_chunk, col_chunk);
+  const typename Engine::Guard guard(img);
+  const int64_t n = img.size(0);
+  const auto acc = accumulate_type(img.scalar_type());
+  check_saved("unified_backward", "row_saved", row_saved, n, kSavedWidth, acc);
+  check_saved("unified_backward", "col_saved", col_saved, n, kSavedWidth, acc);
+  check_device("unified_backward", "row_saved", row_saved, img);
+  check_device("unified_backward", "col_saved", col_saved, img);
+  const auto a = img.to(acc).contiguous(), b = txt.to(acc).contiguous();
+  const auto lab = labels.contiguous();
+  const auto rs = row_saved.contiguous(), cs = col_saved.contiguous();
+  const auto g = grad.to(a.options());
+  std::tuple<at::Tensor, at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(acc, "unified_backward", [&] {
+    const UnifiedPolicy<scalar_t> policy{static_cast<scalar_t>(scale), static_cast<scalar_t>(margin)};
+    grads = dense_backward<Engine, scalar_t>(g, a, b, labels_data(lab), policy, row_chunk, col_chunk, rs, cs);
+  });
+  return {std::get<0>(grads).to(img.scalar_type()), std::get<1>(grads).to(txt.scalar_type())};
+}
+
+}  // namespace vse

@@ -1,0 +1,42 @@
+#pragma once
+// The CUDA backend of the chunked loss engine (common/engine_host.h): the per-tile passes as
+// kernel launches on the current stream. Launchers in cuda/engine.cu, instantiated there for
+// every (T, Policy) the ops use; kernels in cuda/engine.cuh. Compiled by nvcc for the GPU and
+// by g++ for the SIMT executor (cuda/launch.h).
+#include <ATen/ATen.h>
+
+#include "common/engine_host.h"
+#include "cuda/launch.h"
+
+namespace vse::cuda {
+
+struct Engine {
+  using Guard = DeviceGuard;
+
+  template <typename T, typename Policy>
+  struct Dense {
+    static void rows(const Policy& policy, const at::Tensor& tile, int64_t r0, int64_t c0, const int64_t* labels,
+                     const at::Tensor& positive, const at::Tensor& row_state);
+    static void columns(const Policy& policy, const at::Tensor& tile, int64_t r0, int64_t c0, const int64_t* labels,
+                        const at::Tensor& positive, const at::Tensor& col_state);
+    static void finish(const Policy& policy, const at::Tensor& state, const at::Tensor& positive,
+                       const at::Tensor& terms, const at::Tensor& saved);
+    static void gradient(const Policy& policy, const at::Tensor& grad, const at::Tensor& tile, int64_t r0, int64_t c0,
+                         const int64_t* labels, const at::Tensor& row_saved, const at::Tensor& col_saved);
+  };
+
+  template <typename T>
+  struct Mined {
+    static void rows(const at::Tensor& tile, int64_t r0, int64_t c0, const int64_t* labels, const at::Tensor& values,
+                     const at::Tensor& indices);
+    static void columns(const at::Tensor& tile, int64_t r0, int64_t c0, const int64_t* labels,
+                        const at::Tensor& values, const at::Tensor& indices);
+    static void hinge_terms(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& positive, T margin,
+                            const at::Tensor& weights, const at::Tensor& terms);
+    static void gather(const at::Tensor& grad, const at::Tensor& other, const at::Tensor& own_index,
+                       const at::Tensor& own_weight, const Groups& groups, const at::Tensor& diagonal,
+                       const at::Tensor& out);
+  };
+};
+
+}  // namespace vse::cuda
