@@ -1,4 +1,6 @@
-"""topk_similar on every backend against the oracle (vse_cuda.reference.topk_similar)."""
+"""topk_similar on every backend against the oracle (vse_cuda.reference.topk_similar).
+
+On simt (and cuda) this runs topk_tile_kernel (csrc/cuda/topk.cuh) and its block bitonic sort."""
 
 from __future__ import annotations
 

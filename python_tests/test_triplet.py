@@ -1,7 +1,11 @@
 """triplet_loss / TripletLoss (the chunked engine) against the oracle
 vse_cuda.reference.triplet_loss: loss and both gradients for every mining mode, with and
 without labels, both reductions, normalization, chunk sizes that do and do not divide N, all
-dtypes; gradcheck, opcheck, torch.compile, determinism, special cases and bad input."""
+dtypes; gradcheck, opcheck, torch.compile, determinism, special cases and bad input.
+
+On simt (and cuda) this runs csrc/cuda/engine.cuh: topk_tile_kernel (mined lists),
+mined_hinge_terms_kernel, gather_rows_kernel (sparse backward), and for mining="all"
+dense_rows_kernel, dense_columns_kernel, dense_finish_kernel, dense_gradient_kernel."""
 
 from __future__ import annotations
 

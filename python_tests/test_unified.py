@@ -2,7 +2,10 @@
 vse_cuda.reference.unified_loss: loss and both gradients with and without labels, both
 reductions, normalization, chunk sizes that do and do not divide N, all dtypes, large scales;
 the InfoNCE special case, gradcheck, opcheck, torch.compile, determinism, special cases and
-bad input."""
+bad input.
+
+On simt (and cuda) this runs dense_rows_kernel, dense_columns_kernel, dense_finish_kernel
+and dense_gradient_kernel of csrc/cuda/engine.cuh."""
 
 from __future__ import annotations
 
