@@ -17,25 +17,28 @@ TORCH_LIBRARY(VSE_OPS_NAMESPACE, m) {
   // diagonal, labels of size 0 = no labels. Forwards return the loss summed over both
   // directions in the accumulate type (float32 for half inputs) and the state their
   // backward needs; backwards take ∂/∂loss and return (∂/∂img, ∂/∂txt) in the input dtype.
+  // anchor_begin, anchor_end: the pairs whose row and column terms count, [0, N) in one
+  // process, a rank's own pairs of the gathered batch under group= (vse_cuda.distributed).
   // Triplet, mining "all" | "hardest" | "topk" (k ignored unless "topk"):
   //   "all": saved [N, 2] per row / column anchor, index [N, 0]; otherwise saved [N, w] the
   //   weights of the mined negatives listed in index [N, w] (-1: empty), w = 1 or min(k, N).
   m.def(
       "triplet_forward(Tensor img, Tensor txt, Tensor labels, float margin, str mining, int k, "
-      "int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, Tensor col_saved, "
-      "Tensor row_index, Tensor col_index)");
+      "int anchor_begin, int anchor_end, int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, "
+      "Tensor col_saved, Tensor row_index, Tensor col_index)");
   m.def(
       "triplet_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, float margin, str mining, "
-      "Tensor row_saved, Tensor col_saved, Tensor row_index, Tensor col_index, int row_chunk, "
-      "int col_chunk) -> (Tensor grad_img, Tensor grad_txt)");
+      "Tensor row_saved, Tensor col_saved, Tensor row_index, Tensor col_index, int anchor_begin, "
+      "int anchor_end, int row_chunk, int col_chunk) -> (Tensor grad_img, Tensor grad_txt)");
   // Unified loss (spec §4.2): saved [N, 2] per row / column anchor.
   m.def(
       "unified_forward(Tensor img, Tensor txt, Tensor labels, float scale, float margin, "
-      "int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, Tensor col_saved)");
+      "int anchor_begin, int anchor_end, int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, "
+      "Tensor col_saved)");
   m.def(
       "unified_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, float scale, float margin, "
-      "Tensor row_saved, Tensor col_saved, int row_chunk, int col_chunk) -> (Tensor grad_img, "
-      "Tensor grad_txt)");
+      "Tensor row_saved, Tensor col_saved, int anchor_begin, int anchor_end, int row_chunk, "
+      "int col_chunk) -> (Tensor grad_img, Tensor grad_txt)");
   // AOQ quintuplet loss (spec §3.3): the four offline inputs are [N, D] like img; saved [N, 7]
   // = ∂loss/∂(p, u, w, x, y, q, z) per anchor, row_index / col_index [N, 1] the hardest valid
   // negative of each row / column (-1: none). The backward is sparse (no GEMM).

@@ -122,7 +122,7 @@ def test_column_tiles(backend, device, on_backend, mining, k):
 
     def via_op(a, b):
         with on_backend():
-            return vse_cuda._lib.ops(a, b).triplet_forward(a, b, labels, 0.2, mining, min(k, 23), 5, 7)[0]
+            return vse_cuda._lib.ops(a, b).triplet_forward(a, b, labels, 0.2, mining, min(k, 23), 0, 23, 5, 7)[0]
 
     loss, grads = loss_and_grads(via_op, img, txt)
     want_loss, want_grads = loss_and_grads(oracle(mining, k, labels=labels), img, txt)
@@ -187,15 +187,16 @@ def test_gradcheck(backend, device, on_backend, mining, k, normalize):
 
 @pytest.mark.parametrize("labelled", [False, True])
 @pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
-def test_opcheck(backend, device, on_backend, mining, k, labelled):
+@pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
+def test_opcheck(backend, device, on_backend, mining, k, labelled, anchors):
     img, txt = (x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3))
     labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
     with on_backend():
         op = vse_cuda._lib.ops(img, txt)
-    torch.library.opcheck(op.triplet_forward.default, (img, txt, labels, 0.2, mining, k, 4, 6))
-    _, *saved = op.triplet_forward(img.detach(), txt.detach(), labels, 0.2, mining, k, 4, 6)
+    torch.library.opcheck(op.triplet_forward.default, (img, txt, labels, 0.2, mining, k, *anchors, 4, 6))
+    _, *saved = op.triplet_forward(img.detach(), txt.detach(), labels, 0.2, mining, k, *anchors, 4, 6)
     torch.library.opcheck(op.triplet_backward.default, (torch.tensor(1.5, device=device), img.detach(), txt.detach(),
-                                                        labels, 0.2, mining, *saved, 4, 6))
+                                                        labels, 0.2, mining, *saved, *anchors, 4, 6))
 
 
 @pytest.mark.parametrize("mining", ["hardest", "topk"])
@@ -245,8 +246,8 @@ def test_simt_kernels_match_the_cpu_kernels(dtype, mining, k):
     grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     results = {}
     for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
-        forward = ops.triplet_forward(img, txt, labels, 0.2, mining, k, 16, 24)
-        backward = ops.triplet_backward(grad, img, txt, labels, 0.2, mining, *forward[1:], 16, 24)
+        forward = ops.triplet_forward(img, txt, labels, 0.2, mining, k, 0, 75, 16, 24)
+        backward = ops.triplet_backward(grad, img, txt, labels, 0.2, mining, *forward[1:], 0, 75, 16, 24)
         results[ops] = (forward, backward)
     (cpu_forward, cpu_backward), (simt_forward, simt_backward) = results.values()
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
@@ -276,7 +277,7 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend, mining, k):
     if mining != "all":
         with on_backend():
             _, _, _, row_index, col_index = vse_cuda._lib.ops(img, txt).triplet_forward(
-                img, txt, torch.empty(0, dtype=torch.int64, device=device), 0.2, mining, k, 4, 10)
+                img, txt, torch.empty(0, dtype=torch.int64, device=device), 0.2, mining, k, 0, 10, 4, 10)
         assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
 
 
@@ -305,11 +306,12 @@ def test_module_matches_the_function():
     assert torch.equal(vse_cuda.TripletLoss()(img, txt), vse_cuda.triplet_loss(img, txt))
 
 
-def test_group_is_not_implemented_yet():
+def test_group_must_be_a_process_group():
+    # group= itself is tested with several processes in test_distributed.py.
     img, txt = random_inputs(3, 2)
-    with pytest.raises(NotImplementedError, match="distributed issue"):
+    with pytest.raises(TypeError, match="ProcessGroup"):
         vse_cuda.triplet_loss(img, txt, group=object())
-    with pytest.raises(NotImplementedError, match="distributed issue"):
+    with pytest.raises(TypeError, match="ProcessGroup"):
         vse_cuda.TripletLoss(group=object())
 
 

@@ -111,7 +111,7 @@ def test_column_tiles(backend, device, on_backend):
 
     def via_op(a, b):
         with on_backend():
-            return vse_cuda._lib.ops(a, b).unified_forward(a, b, labels, 20.0, 0.2, 5, 7)[0]
+            return vse_cuda._lib.ops(a, b).unified_forward(a, b, labels, 20.0, 0.2, 0, 23, 5, 7)[0]
 
     loss, grads = loss_and_grads(via_op, img, txt)
     want_loss, want_grads = loss_and_grads(oracle(labels=labels), img, txt)
@@ -154,16 +154,17 @@ def test_gradcheck(backend, device, on_backend, labelled, normalize):
     assert torch.autograd.gradcheck(fn, (img, txt))
 
 
+@pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
 @pytest.mark.parametrize("labelled", [False, True])
-def test_opcheck(backend, device, on_backend, labelled):
+def test_opcheck(backend, device, on_backend, labelled, anchors):
     img, txt = (x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3))
     labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
     with on_backend():
         op = vse_cuda._lib.ops(img, txt)
-    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, 20.0, 0.2, 4, 6))
-    _, *saved = op.unified_forward(img.detach(), txt.detach(), labels, 20.0, 0.2, 4, 6)
+    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, 20.0, 0.2, *anchors, 4, 6))
+    _, *saved = op.unified_forward(img.detach(), txt.detach(), labels, 20.0, 0.2, *anchors, 4, 6)
     torch.library.opcheck(op.unified_backward.default, (torch.tensor(0.5, device=device), img.detach(), txt.detach(),
-                                                        labels, 20.0, 0.2, *saved, 4, 6))
+                                                        labels, 20.0, 0.2, *saved, *anchors, 4, 6))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -208,8 +209,8 @@ def test_simt_kernels_match_the_cpu_kernels(dtype):
     grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     results = []
     for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
-        forward = ops.unified_forward(img, txt, labels, 5.0, 0.2, 16, 24)
-        results.append(forward + ops.unified_backward(grad, img, txt, labels, 5.0, 0.2, *forward[1:], 16, 24))
+        forward = ops.unified_forward(img, txt, labels, 5.0, 0.2, 0, 75, 16, 24)
+        results.append(forward + ops.unified_backward(grad, img, txt, labels, 5.0, 0.2, *forward[1:], 0, 75, 16, 24))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     for got, want in zip(*reversed(results)):
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -256,11 +257,12 @@ def test_module_matches_the_function():
     assert torch.equal(vse_cuda.UnifiedLoss()(img, txt), vse_cuda.unified_loss(img, txt))
 
 
-def test_group_is_not_implemented_yet():
+def test_group_must_be_a_process_group():
+    # group= itself is tested with several processes in test_distributed.py.
     img, txt = random_inputs(3, 2)
-    with pytest.raises(NotImplementedError, match="distributed issue"):
+    with pytest.raises(TypeError, match="ProcessGroup"):
         vse_cuda.unified_loss(img, txt, group=object())
-    with pytest.raises(NotImplementedError, match="distributed issue"):
+    with pytest.raises(TypeError, match="ProcessGroup"):
         vse_cuda.UnifiedLoss(group=object())
 
 

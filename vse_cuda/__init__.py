@@ -4,6 +4,7 @@ Backends: CPU kernels always, CUDA kernels when built with nvcc (see :func:`back
 The oracle every kernel is tested against is :mod:`vse_cuda.reference`.
 """
 
+from . import distributed
 from ._lib import backends, use_backend
 from .losses import (GoalLoss, QuintupletLoss, TripletLoss, UnifiedLoss, goal_loss, quintuplet_loss, triplet_loss,
                      unified_loss)
@@ -16,6 +17,7 @@ __all__ = [
     "TripletLoss",
     "UnifiedLoss",
     "backends",
+    "distributed",
     "goal_loss",
     "quintuplet_loss",
     "similarity",

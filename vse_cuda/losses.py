@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _lib
+from . import _lib, distributed
 from ._chunking import plan_chunks
 from ._validation import (
     check_bool,
@@ -73,7 +73,9 @@ def triplet_loss(
             negatives (false-negative masking, e.g. two captions of one image).
         normalize: L2-normalize img and txt first (``F.normalize``; gradients go through it).
         reduction: "sum" (the official codes' scale) or "mean" (sum / N).
-        group: negatives gathered across ranks; not implemented yet (raises).
+        group: a ``torch.distributed`` process group: negatives come from every rank of it,
+            anchors stay local (see :mod:`vse_cuda.distributed`); the sum of the ranks' losses
+            is the loss of the concatenated batch, gradients included. None: this process only.
         chunk_size: rows of S per chunk (default: from the memory budget).
 
     Returns:
@@ -86,13 +88,15 @@ def triplet_loss(
     reduction = check_choice("reduction", reduction, REDUCTIONS)
     check_bool("normalize", normalize)
     labels = check_labels("labels", labels, n, img.device)
-    _check_group("triplet_loss", group)
-    chunks = _chunks(n, img.dtype, chunk_size)
+    _check_group(group)
     out_dtype = img.dtype
     img, txt = _prepare(normalize, img, txt)
+    img, txt, labels, anchors = _distribute(group, labels, img, txt)
+    n = img.size(0)
+    chunks = _chunks(n, img.dtype, chunk_size)
     k = min(k, n) if mining == "topk" else 1
     op = _lib.ops(img, txt).triplet_forward
-    total = op(img, txt, _labels_or_empty(labels, img), margin, mining, k, chunks.rows, chunks.cols)[0]
+    total = op(img, txt, _labels_or_empty(labels, img), margin, mining, k, *anchors, chunks.rows, chunks.cols)[0]
     return _reduce(total, n, reduction).to(out_dtype)
 
 
@@ -126,7 +130,9 @@ def unified_loss(
         labels: optional int64 [N] image ids; same-label pairs are never negatives.
         normalize: L2-normalize img and txt first (``F.normalize``).
         reduction: "sum" or "mean" (sum / N).
-        group: negatives gathered across ranks; not implemented yet (raises).
+        group: a ``torch.distributed`` process group: negatives come from every rank of it,
+            anchors stay local (see :mod:`vse_cuda.distributed`); the sum of the ranks' losses
+            is the loss of the concatenated batch, gradients included. None: this process only.
         chunk_size: rows of S per chunk (default: from the memory budget).
 
     Returns:
@@ -138,12 +144,14 @@ def unified_loss(
     reduction = check_choice("reduction", reduction, REDUCTIONS)
     check_bool("normalize", normalize)
     labels = check_labels("labels", labels, n, img.device)
-    _check_group("unified_loss", group)
-    chunks = _chunks(n, img.dtype, chunk_size)
+    _check_group(group)
     out_dtype = img.dtype
     img, txt = _prepare(normalize, img, txt)
+    img, txt, labels, anchors = _distribute(group, labels, img, txt)
+    n = img.size(0)
+    chunks = _chunks(n, img.dtype, chunk_size)
     op = _lib.ops(img, txt).unified_forward
-    total = op(img, txt, _labels_or_empty(labels, img), scale, margin, chunks.rows, chunks.cols)[0]
+    total = op(img, txt, _labels_or_empty(labels, img), scale, margin, *anchors, chunks.rows, chunks.cols)[0]
     return _reduce(total, n, reduction).to(out_dtype)
 
 
@@ -210,7 +218,7 @@ def quintuplet_loss(
     reduction = check_choice("reduction", reduction, REDUCTIONS)
     check_bool("normalize", normalize)
     labels = check_labels("labels", labels, n, img.device)
-    _check_group("quintuplet_loss", group)
+    _check_group(group, "quintuplet_loss")
     chunks = _chunks(n, img.dtype, chunk_size)
     out_dtype = img.dtype
     inputs = _prepare(normalize, img, txt, off_img, off_txt, img2, txt2)
@@ -279,7 +287,7 @@ def goal_loss(
     reduction = check_choice("reduction", reduction, REDUCTIONS)
     check_bool("normalize", normalize)
     labels = check_labels("labels", labels, n, img.device)
-    _check_group("goal_loss", group)
+    _check_group(group, "goal_loss")
     chunks = _chunks(n, img.dtype, chunk_size)
     out_dtype = img.dtype
     img, txt = _prepare(normalize, img, txt)
@@ -301,7 +309,7 @@ class TripletLoss(nn.Module):
         self.k = check_int("k", k, 1)
         self.normalize = check_bool("normalize", normalize)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        _check_group("TripletLoss", group)
+        _check_group(group)
         self.group = group
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
@@ -327,7 +335,7 @@ class UnifiedLoss(nn.Module):
         self.margin = check_finite("margin", margin)
         self.normalize = check_bool("normalize", normalize)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        _check_group("UnifiedLoss", group)
+        _check_group(group)
         self.group = group
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
@@ -356,7 +364,7 @@ class QuintupletLoss(nn.Module):
         self.detach_weights = check_bool("detach_weights", detach_weights)
         self.normalize = check_bool("normalize", normalize)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        _check_group("QuintupletLoss", group)
+        _check_group(group, "QuintupletLoss")
         self.group = group
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
@@ -389,7 +397,7 @@ class GoalLoss(nn.Module):
         self.lam = check_finite("lam", lam)
         self.normalize = check_bool("normalize", normalize)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        _check_group("GoalLoss", group)
+        _check_group(group, "GoalLoss")
         self.group = group
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
@@ -419,11 +427,31 @@ def _check_pair(img: object, txt: object, **more: object) -> int:
     return img.size(0)
 
 
-def _check_group(name: str, group: object) -> None:
-    if group is not None:
-        raise NotImplementedError(
-            f"{name}: group= (negatives gathered across ranks) is not implemented yet; "
-            "see the distributed issue")
+def _check_group(group: object, unsupported: str | None = None) -> None:
+    if group is None:
+        return
+    if unsupported is not None:
+        raise NotImplementedError(f"{unsupported}: group= (negatives gathered across ranks) is not implemented "
+                                  "yet; see the distributed issue")
+    if not torch.distributed.is_available():
+        raise RuntimeError("group= needs a PyTorch built with torch.distributed")
+    if group is torch.distributed.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to non-members
+        raise ValueError("group: this process is not a member of the given process group")
+    if not isinstance(group, torch.distributed.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+
+
+def _distribute(group, labels: torch.Tensor | None, *embeddings: torch.Tensor):
+    """Under ``group``: the group's embeddings (differentiable) and labels concatenated in rank
+    order, and this rank's pairs [begin, end) in them, whose anchors the loss terms are for.
+    Without: the inputs and all their pairs."""
+    if group is None:
+        return (*embeddings, labels, (0, embeddings[0].size(0)))
+    shard = distributed.exchange_shapes("img", embeddings[0], group, flags=(labels is not None,))
+    gathered = [distributed.gather_with_grad(x, group) for x in embeddings]
+    if labels is not None:
+        labels = distributed.gather(labels, shard, group)
+    return (*gathered, labels, (shard.begin, shard.end))
 
 
 def _chunks(n: int, dtype: torch.dtype, chunk_size: int | None):
@@ -459,7 +487,7 @@ def _register(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(f"{namespace}::triplet_forward")
-    def _(img, txt, labels, margin, mining, k, row_chunk, col_chunk):
+    def _(img, txt, labels, margin, mining, k, anchor_begin, anchor_end, row_chunk, col_chunk):
         n, acc = img.size(0), _acc_dtype(img.dtype)
         width = 2 if mining == "all" else 1 if mining == "hardest" else min(k, max(n, 1))
         index_width = 0 if mining == "all" else width
@@ -467,16 +495,17 @@ def _register(namespace: str) -> None:
                 img.new_empty(n, index_width, dtype=torch.int64), img.new_empty(n, index_width, dtype=torch.int64))
 
     @torch.library.register_fake(f"{namespace}::triplet_backward")
-    def _(grad, img, txt, labels, margin, mining, row_saved, col_saved, row_index, col_index, row_chunk, col_chunk):
+    def _(grad, img, txt, labels, margin, mining, row_saved, col_saved, row_index, col_index, anchor_begin, anchor_end,
+          row_chunk, col_chunk):
         return img.new_empty(img.shape), txt.new_empty(txt.shape)
 
     @torch.library.register_fake(f"{namespace}::unified_forward")
-    def _(img, txt, labels, scale, margin, row_chunk, col_chunk):
+    def _(img, txt, labels, scale, margin, anchor_begin, anchor_end, row_chunk, col_chunk):
         n, acc = img.size(0), _acc_dtype(img.dtype)
         return img.new_empty((), dtype=acc), img.new_empty(n, 2, dtype=acc), img.new_empty(n, 2, dtype=acc)
 
     @torch.library.register_fake(f"{namespace}::unified_backward")
-    def _(grad, img, txt, labels, scale, margin, row_saved, col_saved, row_chunk, col_chunk):
+    def _(grad, img, txt, labels, scale, margin, row_saved, col_saved, anchor_begin, anchor_end, row_chunk, col_chunk):
         return img.new_empty(img.shape), txt.new_empty(txt.shape)
 
     @torch.library.register_fake(f"{namespace}::quintuplet_forward")
@@ -502,32 +531,32 @@ def _register(namespace: str) -> None:
 
     # Only the loss is differentiable; the saved state and index lists are constants.
     def setup_triplet(ctx, inputs, output):
-        img, txt, labels, margin, mining, k, row_chunk, col_chunk = inputs
+        img, txt, labels, margin, mining, _k, *anchors_and_chunks = inputs
         _, row_saved, col_saved, row_index, col_index = output
         ctx.mark_non_differentiable(row_saved, col_saved, row_index, col_index)
         ctx.save_for_backward(img, txt, labels, row_saved, col_saved, row_index, col_index)
-        ctx.args = (margin, mining, row_chunk, col_chunk)
+        ctx.args = (margin, mining, *anchors_and_chunks)
 
     def backward_triplet(ctx, grad, *_):
         img, txt, labels, row_saved, col_saved, row_index, col_index = ctx.saved_tensors
-        margin, mining, row_chunk, col_chunk = ctx.args
+        margin, mining, *anchors_and_chunks = ctx.args
         grad_img, grad_txt = ops.triplet_backward(grad, img, txt, labels, margin, mining, row_saved, col_saved,
-                                                  row_index, col_index, row_chunk, col_chunk)
-        return grad_img, grad_txt, None, None, None, None, None, None
+                                                  row_index, col_index, *anchors_and_chunks)
+        return grad_img, grad_txt, None, None, None, None, None, None, None, None
 
     def setup_unified(ctx, inputs, output):
-        img, txt, labels, scale, margin, row_chunk, col_chunk = inputs
+        img, txt, labels, scale, margin, *anchors_and_chunks = inputs
         _, row_saved, col_saved = output
         ctx.mark_non_differentiable(row_saved, col_saved)
         ctx.save_for_backward(img, txt, labels, row_saved, col_saved)
-        ctx.args = (scale, margin, row_chunk, col_chunk)
+        ctx.args = (scale, margin, *anchors_and_chunks)
 
     def backward_unified(ctx, grad, *_):
         img, txt, labels, row_saved, col_saved = ctx.saved_tensors
-        scale, margin, row_chunk, col_chunk = ctx.args
+        scale, margin, *anchors_and_chunks = ctx.args
         grad_img, grad_txt = ops.unified_backward(grad, img, txt, labels, scale, margin, row_saved, col_saved,
-                                                  row_chunk, col_chunk)
-        return grad_img, grad_txt, None, None, None, None, None
+                                                  *anchors_and_chunks)
+        return grad_img, grad_txt, None, None, None, None, None, None, None
 
     def setup_quintuplet(ctx, inputs, output):
         *embeddings, labels, margin_online, margin_offline, alpha, beta, detach_weights, row_chunk, col_chunk = inputs

@@ -98,17 +98,26 @@ struct LogSumExp {
   }
 };
 
+// The anchors whose terms a sweep of tiles serves: its rows' (i2t), its columns' (t2i) or
+// both. One process sweeps S once for both; a rank of a group sweeps its own rows against
+// every column, then every row against its own columns (common/engine_host.h).
+enum Directions : int { kRowAnchors = 1, kColumnAnchors = 2, kBothAnchors = kRowAnchors | kColumnAnchors };
+
 // ∂L/∂S_ij of a dense loss (per unit of ∂/∂loss) from the saved values of row anchor i and
 // column anchor j = key (row_saved, col_saved: kSavedWidth values per anchor): the two anchors'
-// weights for a valid negative, their diagonal terms on the diagonal, 0 elsewhere.
+// weights for a valid negative, their diagonal terms on the diagonal, 0 elsewhere; only the
+// anchors of `directions` count.
 template <typename Policy, typename T>
 VSE_HOST_DEVICE T dense_entry_gradient(const Policy& policy, const int64_t* labels, int64_t i, int64_t key, T score,
-                                       const T* row_saved, const T* col_saved) {
+                                       const T* row_saved, const T* col_saved, int directions) {
+  const bool rows = directions & kRowAnchors, cols = directions & kColumnAnchors;
   if (is_negative(labels, i, key)) {
-    return policy.weight(score, row_saved + kSavedWidth * i) + policy.weight(score, col_saved + kSavedWidth * key);
+    const T own = rows ? policy.weight(score, row_saved + kSavedWidth * i) : T(0);
+    return cols ? own + policy.weight(score, col_saved + kSavedWidth * key) : own;
   }
-  if (key == i) return policy.diagonal(row_saved + kSavedWidth * i) + policy.diagonal(col_saved + kSavedWidth * i);
-  return T(0);
+  if (key != i) return T(0);
+  const T own = rows ? policy.diagonal(row_saved + kSavedWidth * i) : T(0);
+  return cols ? own + policy.diagonal(col_saved + kSavedWidth * i) : own;
 }
 
 }  // namespace vse

@@ -12,8 +12,8 @@
 //         folds each tile column's valid negatives into its column anchor's state
 //     finish(policy, state, positive, terms, saved)
 //         terms[i] = policy.finish(state[i], positive[i], saved[i])
-//     gradient(policy, grad, tile, r0, c0, labels, row_saved, col_saved)
-//         tile := grad · dense_entry_gradient(...), in place
+//     gradient(policy, grad, tile, r0, c0, labels, row_saved, col_saved, directions)
+//         tile := grad · dense_entry_gradient(..., directions), in place
 //   Engine::Mined<T>               the passes of the mined (sparse-gradient) losses:
 //     rows(tile, r0, c0, labels, values, indices)
 //         merges each tile row's valid negatives into its row anchor's list (common/topk.h order)
@@ -82,49 +82,98 @@ inline at::Tensor sum_terms(const at::Tensor& terms) {
   return terms.to(at::kDouble).sum().to(terms.scalar_type());
 }
 
+// The pairs whose anchors an op accounts for: rows and columns [begin, end) of the square S.
+// One process: all N. A rank of a group (vse_cuda.distributed): its own pairs inside the
+// gathered batch, so its row anchors see every column and its column anchors every row.
+struct Anchors {
+  int64_t begin;
+  int64_t end;
+
+  int64_t size() const { return end - begin; }
+  bool all(int64_t n) const { return begin == 0 && end == n; }
+  // The anchors' rows of an [N, ...] tensor of per-anchor values.
+  at::Tensor of(const at::Tensor& t) const { return t.narrow(0, begin, size()); }
+};
+
+inline Anchors checked_anchors(const char* op, int64_t begin, int64_t end, int64_t n) {
+  TORCH_CHECK(0 <= begin && begin <= end && end <= n, op, ": anchors [", begin, ", ", end,
+              ") must lie in [0, ", n, "]");
+  return {begin, end};
+}
+
+// on_tile(tile, r0, c0, directions) for the tiles of S the anchors need (tiles.h, global r0
+// and c0): all of S in one sweep serving both directions when they are all N; otherwise
+// their rows against every column (kRowAnchors), then every row against their columns
+// (kColumnAnchors), so that each anchor's state still sees its entries in increasing index.
+template <typename TileFn>
+void for_each_anchor_tile(const at::Tensor& a, const at::Tensor& b, const Anchors& anchors, int64_t row_chunk,
+                          int64_t col_chunk, const TileFn& on_tile) {
+  if (anchors.all(a.size(0))) {
+    for_each_tile(a, b, row_chunk, col_chunk,
+                  [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, r0, c0, kBothAnchors); });
+    return;
+  }
+  const int64_t first = anchors.begin;
+  for_each_tile(anchors.of(a), b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
+    on_tile(tile, first + r0, c0, kRowAnchors);
+  });
+  for_each_tile(a, anchors.of(b), row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
+    on_tile(tile, r0, first + c0, kColumnAnchors);
+  });
+}
+
 // ------------------------------------------------------------------------------ dense losses
 
-// Forward of a dense loss: (loss summed over the row and column anchors, row_saved [N, 2],
-// col_saved [N, 2]). a and b are [N, D] contiguous in the accumulate type T.
+// Forward of a dense loss: (loss summed over the anchors' row and column terms, row_saved
+// [N, 2], col_saved [N, 2]; the saved values of other pairs are 0). a and b are [N, D]
+// contiguous in the accumulate type T.
 template <class Engine, typename T, typename Policy>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a, const at::Tensor& b,
                                                              const int64_t* labels, const Policy& policy,
-                                                             int64_t row_chunk, int64_t col_chunk) {
+                                                             const Anchors& anchors, int64_t row_chunk,
+                                                             int64_t col_chunk) {
   using Passes = typename Engine::template Dense<T, Policy>;
   using State = typename Policy::State;
   const int64_t n = a.size(0);
   const auto row_state = initial_states<T, State>(n, a.options());
   const auto col_state = initial_states<T, State>(n, a.options());
   const auto positive = Policy::kPositiveFirst ? row_dots(a, b) : at::zeros({n}, a.options());
-  for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
-    if constexpr (!Policy::kPositiveFirst) copy_positives(tile, r0, c0, positive);
-    Passes::rows(policy, tile, r0, c0, labels, positive, row_state);
-    Passes::columns(policy, tile, r0, c0, labels, positive, col_state);
-  });
-  const auto terms = at::empty({2, n}, a.options());
-  auto row_saved = at::empty({n, kSavedWidth}, a.options()), col_saved = at::empty({n, kSavedWidth}, a.options());
-  Passes::finish(policy, row_state, positive, terms[0], row_saved);
-  Passes::finish(policy, col_state, positive, terms[1], col_saved);
+  for_each_anchor_tile(a, b, anchors, row_chunk, col_chunk,
+                       [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
+                         if (directions & kRowAnchors) {
+                           // The anchors' positives lie in the tiles of their rows.
+                           if constexpr (!Policy::kPositiveFirst) copy_positives(tile, r0, c0, positive);
+                           Passes::rows(policy, tile, r0, c0, labels, positive, row_state);
+                         }
+                         if (directions & kColumnAnchors) {
+                           Passes::columns(policy, tile, r0, c0, labels, positive, col_state);
+                         }
+                       });
+  const auto terms = at::zeros({2, n}, a.options());
+  auto row_saved = at::zeros({n, kSavedWidth}, a.options()), col_saved = at::zeros({n, kSavedWidth}, a.options());
+  Passes::finish(policy, anchors.of(row_state), anchors.of(positive), anchors.of(terms[0]), anchors.of(row_saved));
+  Passes::finish(policy, anchors.of(col_state), anchors.of(positive), anchors.of(terms[1]), anchors.of(col_saved));
   return {sum_terms(terms), row_saved, col_saved};
 }
 
-// Backward of a dense loss: recomputes each tile S_c, turns it into G_c = grad·∂L/∂S_c in
-// place from the saved row and column values, then dA_c = G_c·B_c and dB_c += G_cᵀ·A_c (two
-// GEMMs per tile, accumulated tile after tile in a fixed order). grad is 0-dim in T on the
-// device. Returns (dA, dB) in T.
+// Backward of a dense loss: recomputes each tile S_c the anchors need, turns it into
+// G_c = grad·∂L/∂S_c in place from the saved row and column values, then dA_c = G_c·B_c and
+// dB_c += G_cᵀ·A_c (two GEMMs per tile, accumulated tile after tile in a fixed order). grad is
+// 0-dim in T on the device. Returns (dA, dB) in T.
 template <class Engine, typename T, typename Policy>
 std::tuple<at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
-                                                  const int64_t* labels, const Policy& policy, int64_t row_chunk,
-                                                  int64_t col_chunk, const at::Tensor& row_saved,
+                                                  const int64_t* labels, const Policy& policy, const Anchors& anchors,
+                                                  int64_t row_chunk, int64_t col_chunk, const at::Tensor& row_saved,
                                                   const at::Tensor& col_saved) {
   using Passes = typename Engine::template Dense<T, Policy>;
   auto da = at::zeros_like(a), db = at::zeros_like(b);
-  for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
-    Passes::gradient(policy, grad, tile, r0, c0, labels, row_saved, col_saved);
-    const int64_t rows = tile.size(0), cols = tile.size(1);
-    da.narrow(0, r0, rows).addmm_(tile, b.narrow(0, c0, cols));
-    db.narrow(0, c0, cols).addmm_(tile.t(), a.narrow(0, r0, rows));
-  });
+  for_each_anchor_tile(a, b, anchors, row_chunk, col_chunk,
+                       [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
+                         Passes::gradient(policy, grad, tile, r0, c0, labels, row_saved, col_saved, directions);
+                         const int64_t rows = tile.size(0), cols = tile.size(1);
+                         da.narrow(0, r0, rows).addmm_(tile, b.narrow(0, c0, cols));
+                         db.narrow(0, c0, cols).addmm_(tile.t(), a.narrow(0, r0, rows));
+                       });
   return {da, db};
 }
 
@@ -137,31 +186,37 @@ struct MinedLists {
   at::Tensor row_values, row_indices, col_values, col_indices, positive;
 };
 
-// on_tile(tile, r0, c0), when given, sees every tile after the lists did (a backend's extra
-// reduction in the same sweep, e.g. GOAL's negative sets in cpu::mine_negatives).
+// on_tile(tile, r0, c0, directions), when given, sees every tile after the lists did (a
+// backend's extra reduction in the same sweep, e.g. GOAL's negative sets in cpu::mine_negatives).
+// Only the anchors' lists are filled; the others stay empty.
 template <class Engine, typename T, typename OnTile>
 MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
-                          int64_t row_chunk, int64_t col_chunk, const OnTile& on_tile) {
+                          const Anchors& anchors, int64_t row_chunk, int64_t col_chunk, const OnTile& on_tile) {
   using Passes = typename Engine::template Mined<T>;
   const int64_t n = a.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "mined losses: at most 2^31-1 pairs");
   const auto index_options = a.options().dtype(at::kLong);
   MinedLists lists{at::zeros({n, k}, a.options()), at::full({n, k}, -1, index_options),
                    at::zeros({n, k}, a.options()), at::full({n, k}, -1, index_options), at::zeros({n}, a.options())};
-  for_each_tile(a, b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
-    copy_positives(tile, r0, c0, lists.positive);
-    Passes::rows(tile, r0, c0, labels, lists.row_values, lists.row_indices);
-    Passes::columns(tile, r0, c0, labels, lists.col_values, lists.col_indices);
-    on_tile(tile, r0, c0);
-  });
+  for_each_anchor_tile(a, b, anchors, row_chunk, col_chunk,
+                       [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
+                         if (directions & kRowAnchors) {
+                           copy_positives(tile, r0, c0, lists.positive);
+                           Passes::rows(tile, r0, c0, labels, lists.row_values, lists.row_indices);
+                         }
+                         if (directions & kColumnAnchors) {
+                           Passes::columns(tile, r0, c0, labels, lists.col_values, lists.col_indices);
+                         }
+                         on_tile(tile, r0, c0, directions);
+                       });
   return lists;
 }
 
 template <class Engine, typename T>
 MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
-                          int64_t row_chunk, int64_t col_chunk) {
-  return mine_negatives<Engine, T>(a, b, labels, k, row_chunk, col_chunk,
-                                   [](const at::Tensor&, int64_t, int64_t) {});
+                          const Anchors& anchors, int64_t row_chunk, int64_t col_chunk) {
+  return mine_negatives<Engine, T>(a, b, labels, k, anchors, row_chunk, col_chunk,
+                                   [](const at::Tensor&, int64_t, int64_t, int) {});
 }
 
 // Entries of a sparse G grouped by the output row they feed (CSR): entry e of group g is

@@ -32,11 +32,13 @@ inline int64_t triplet_list_width(std::string_view mining, int64_t k, int64_t n)
 template <class Engine>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_forward(
     const at::Tensor& img, const at::Tensor& txt, const at::Tensor& labels, double margin,
-    c10::string_view mining_, int64_t k, int64_t row_chunk, int64_t col_chunk) {
+    c10::string_view mining_, int64_t k, int64_t anchor_begin, int64_t anchor_end, int64_t row_chunk,
+    int64_t col_chunk) {
   check_pair_args("triplet_forward", img, txt, labels, row_chunk, col_chunk);
   const typename Engine::Guard guard(img);
   const std::string_view mining(mining_.data(), mining_.size());
   const int64_t n = img.size(0);
+  const Anchors anchors = checked_anchors("triplet_forward", anchor_begin, anchor_end, n);
   const int64_t width = triplet_list_width(mining, k, n);
   const auto acc = accumulate_type(img.scalar_type());
   const auto a = img.to(acc).contiguous(), b = txt.to(acc).contiguous();
@@ -47,13 +49,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_f
     const auto m = static_cast<scalar_t>(margin);
     if (mining == "all") {
       const auto [loss, row_saved, col_saved] =
-          dense_forward<Engine, scalar_t>(a, b, labels_ptr, HingeSumPolicy<scalar_t>{m}, row_chunk, col_chunk);
+          dense_forward<Engine, scalar_t>(a, b, labels_ptr, HingeSumPolicy<scalar_t>{m}, anchors, row_chunk,
+                                          col_chunk);
       const auto none = at::empty({n, 0}, a.options().dtype(at::kLong));
       out = {loss, row_saved, col_saved, none, none.clone()};
       return;
     }
     using Passes = typename Engine::template Mined<scalar_t>;
-    const auto lists = mine_negatives<Engine, scalar_t>(a, b, labels_ptr, width, row_chunk, col_chunk);
+    const auto lists = mine_negatives<Engine, scalar_t>(a, b, labels_ptr, width, anchors, row_chunk, col_chunk);
     auto row_weight = at::empty({n, width}, a.options()), col_weight = at::empty({n, width}, a.options());
     const auto terms = at::empty({2, n}, a.options());
     Passes::hinge_terms(lists.row_values, lists.row_indices, lists.positive, m, row_weight, terms[0]);
@@ -68,14 +71,15 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(const at::Tensor& grad, cons
                                                     const at::Tensor& txt, const at::Tensor& labels, double margin,
                                                     c10::string_view mining_, const at::Tensor& row_saved,
                                                     const at::Tensor& col_saved, const at::Tensor& row_index,
-                                                    const at::Tensor& col_index, int64_t row_chunk,
-                                                    int64_t col_chunk) {
+                                                    const at::Tensor& col_index, int64_t anchor_begin,
+                                                    int64_t anchor_end, int64_t row_chunk, int64_t col_chunk) {
   check_pair_args("triplet_backward", img, txt, labels, row_chunk, col_chunk);
   const typename Engine::Guard guard(img);
   const std::string_view mining(mining_.data(), mining_.size());
   TORCH_CHECK(mining == "all" || mining == "hardest" || mining == "topk",
               "triplet_backward: mining must be all, hardest or topk");
   const int64_t n = img.size(0);
+  const Anchors anchors = checked_anchors("triplet_backward", anchor_begin, anchor_end, n);
   const auto acc = accumulate_type(img.scalar_type());
   const int64_t width = mining == "all" ? kSavedWidth : row_index.size(1);
   check_saved("triplet_backward", "row_saved", row_saved, n, width, acc);
@@ -91,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(const at::Tensor& grad, cons
     const auto rs = row_saved.contiguous(), cs = col_saved.contiguous();
     AT_DISPATCH_FLOATING_TYPES(acc, "triplet_backward", [&] {
       grads = dense_backward<Engine, scalar_t>(g, a, b, labels_data(lab),
-                                               HingeSumPolicy<scalar_t>{static_cast<scalar_t>(margin)}, row_chunk,
-                                               col_chunk, rs, cs);
+                                               HingeSumPolicy<scalar_t>{static_cast<scalar_t>(margin)}, anchors,
+                                               row_chunk, col_chunk, rs, cs);
     });
   } else {
     TORCH_CHECK(row_index.sizes() == row_saved.sizes() && col_index.sizes() == col_saved.sizes() &&

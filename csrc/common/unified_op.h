@@ -18,17 +18,19 @@ namespace vse {
 template <class Engine>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unified_forward(const at::Tensor& img, const at::Tensor& txt,
                                                                const at::Tensor& labels, double scale,
-                                                               double margin, int64_t row_chunk,
+                                                               double margin, int64_t anchor_begin,
+                                                               int64_t anchor_end, int64_t row_chunk,
                                                                int64_t col_chunk) {
   check_pair_args("unified_forward", img, txt, labels, row_chunk, col_chunk);
   const typename Engine::Guard guard(img);
+  const Anchors anchors = checked_anchors("unified_forward", anchor_begin, anchor_end, img.size(0));
   const auto acc = accumulate_type(img.scalar_type());
   const auto a = img.to(acc).contiguous(), b = txt.to(acc).contiguous();
   const auto lab = labels.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(acc, "unified_forward", [&] {
     const UnifiedPolicy<scalar_t> policy{static_cast<scalar_t>(scale), static_cast<scalar_t>(margin)};
-    out = dense_forward<Engine, scalar_t>(a, b, labels_data(lab), policy, row_chunk, col_chunk);
+    out = dense_forward<Engine, scalar_t>(a, b, labels_data(lab), policy, anchors, row_chunk, col_chunk);
   });
   return out;
 }
@@ -37,11 +39,12 @@ template <class Engine>
 std::tuple<at::Tensor, at::Tensor> unified_backward(const at::Tensor& grad, const at::Tensor& img,
                                                     const at::Tensor& txt, const at::Tensor& labels, double scale,
                                                     double margin, const at::Tensor& row_saved,
-                                                    const at::Tensor& col_saved, int64_t row_chunk,
-                                                    int64_t col_chunk) {
+                                                    const at::Tensor& col_saved, int64_t anchor_begin,
+                                                    int64_t anchor_end, int64_t row_chunk, int64_t col_chunk) {
   check_pair_args("unified_backward", img, txt, labels, row_chunk, col_chunk);
   const typename Engine::Guard guard(img);
   const int64_t n = img.size(0);
+  const Anchors anchors = checked_anchors("unified_backward", anchor_begin, anchor_end, n);
   const auto acc = accumulate_type(img.scalar_type());
   check_saved("unified_backward", "row_saved", row_saved, n, kSavedWidth, acc);
   check_saved("unified_backward", "col_saved", col_saved, n, kSavedWidth, acc);
@@ -54,7 +57,8 @@ std::tuple<at::Tensor, at::Tensor> unified_backward(const at::Tensor& grad, cons
   std::tuple<at::Tensor, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(acc, "unified_backward", [&] {
     const UnifiedPolicy<scalar_t> policy{static_cast<scalar_t>(scale), static_cast<scalar_t>(margin)};
-    grads = dense_backward<Engine, scalar_t>(g, a, b, labels_data(lab), policy, row_chunk, col_chunk, rs, cs);
+    grads = dense_backward<Engine, scalar_t>(g, a, b, labels_data(lab), policy, anchors, row_chunk, col_chunk, rs,
+                                             cs);
   });
   return {std::get<0>(grads).to(img.scalar_type()), std::get<1>(grads).to(txt.scalar_type())};
 }

@@ -114,7 +114,8 @@ struct Engine {
     }
 
     static void gradient(const Policy& policy, const at::Tensor& grad, const at::Tensor& tile, int64_t r0, int64_t c0,
-                         const int64_t* labels, const at::Tensor& row_saved, const at::Tensor& col_saved) {
+                         const int64_t* labels, const at::Tensor& row_saved, const at::Tensor& col_saved,
+                         int directions) {
       const T g = *grad.data_ptr<T>();
       T* scores = tile.data_ptr<T>();
       const T* own = row_saved.data_ptr<T>();
@@ -123,7 +124,7 @@ struct Engine {
       for_each_row(tile.size(0), cols, [&](int64_t r) {
         T* row = scores + r * cols;
         for (int64_t j = 0; j < cols; ++j) {
-          row[j] = g * dense_entry_gradient(policy, labels, r0 + r, c0 + j, row[j], own, other);
+          row[j] = g * dense_entry_gradient(policy, labels, r0 + r, c0 + j, row[j], own, other, directions);
         }
       });
     }
@@ -252,16 +253,16 @@ struct NoReduction {
 // sweep; row_state / col_state are host arrays of N states.
 template <typename T, typename Reduction = NoReduction>
 MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
-                          int64_t row_chunk, int64_t col_chunk, const Reduction& reduction = {},
+                          const Anchors& anchors, int64_t row_chunk, int64_t col_chunk, const Reduction& reduction = {},
                           typename Reduction::State* row_state = nullptr,
                           typename Reduction::State* col_state = nullptr) {
   using State = typename Reduction::State;
-  return vse::mine_negatives<Engine, T>(a, b, labels, k, row_chunk, col_chunk, [&](const at::Tensor& tile,
-                                                                                   int64_t r0, int64_t c0) {
+  return vse::mine_negatives<Engine, T>(a, b, labels, k, anchors, row_chunk, col_chunk,
+                                        [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
     if constexpr (Reduction::kActive) {
       const T* scores = tile.data_ptr<T>();
       const int64_t rows = tile.size(0), cols = tile.size(1);
-      for_each_row(rows, cols, [&](int64_t r) {
+      if (directions & kRowAnchors) for_each_row(rows, cols, [&](int64_t r) {
         const int64_t i = r0 + r;
         const T* row = scores + r * cols;
         State state = row_state[i];
@@ -270,7 +271,7 @@ MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_
         }
         row_state[i] = state;
       });
-      for_each_column_block(rows, cols, [&](int64_t j0, int64_t j1) {
+      if (directions & kColumnAnchors) for_each_column_block(rows, cols, [&](int64_t j0, int64_t j1) {
         const int64_t width = j1 - j0;
         State state[kColumnBlock];
         std::copy_n(col_state + c0 + j0, width, state);

@@ -112,9 +112,9 @@ Tensors5 goal_forward(const at::Tensor& img, const at::Tensor& txt, const at::Te
       const Reduction reduction{negative_threshold(dots.data_ptr<T>(), n), options.b, pair == PairWeight::kSigMs};
       row_set.resize(n);
       col_set.resize(n);
-      lists = mine_negatives<T>(a, b, labels_ptr, 1, row_chunk, col_chunk, reduction, row_set.data(), col_set.data());
+      lists = mine_negatives<T>(a, b, labels_ptr, 1, Anchors{0, n}, row_chunk, col_chunk, reduction, row_set.data(), col_set.data());
     } else {
-      lists = mine_negatives<T>(a, b, labels_ptr, 1, row_chunk, col_chunk);
+      lists = mine_negatives<T>(a, b, labels_ptr, 1, Anchors{0, n}, row_chunk, col_chunk);
     }
     const T* p = lists.positive.data_ptr<T>();
     double total = 0;  // summed in double, as in the other losses

@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quintuplet_forward(
     using T = scalar_t;
     const QuintupletOptions<T> options{static_cast<T>(margin_online), static_cast<T>(margin_offline),
                                        static_cast<T>(alpha), static_cast<T>(beta), detach_weights};
-    auto lists = mine_negatives<T>(a, b, labels_data(lab), 1, row_chunk, col_chunk);
+    auto lists = mine_negatives<T>(a, b, labels_data(lab), 1, Anchors{0, n}, row_chunk, col_chunk);
     const T* p = lists.positive.data_ptr<T>();
     const T* u = lists.row_values.data_ptr<T>();
     const T* w = lists.col_values.data_ptr<T>();

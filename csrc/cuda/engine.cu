@@ -83,12 +83,13 @@ void Engine::Dense<T, Policy>::finish(const Policy& policy, const at::Tensor& st
 template <typename T, typename Policy>
 void Engine::Dense<T, Policy>::gradient(const Policy& policy, const at::Tensor& grad, const at::Tensor& tile,
                                         int64_t r0, int64_t c0, const int64_t* labels, const at::Tensor& row_saved,
-                                        const at::Tensor& col_saved) {
+                                        const at::Tensor& col_saved, int directions) {
   const int64_t rows = tile.size(0), cols = tile.size(1);
   const int threads = sweep_threads(cols);
   const dim3 grid(blocks_for(cols, threads), static_cast<unsigned>(rows < 65535 ? rows : 65535));
   launch(dense_gradient_kernel<T, Policy>, grid, dim3(threads), 0, current_stream(), policy, grad.data_ptr<T>(),
-         tile.data_ptr<T>(), rows, cols, r0, c0, labels, row_saved.data_ptr<T>(), col_saved.data_ptr<T>());
+         tile.data_ptr<T>(), rows, cols, r0, c0, labels, row_saved.data_ptr<T>(), col_saved.data_ptr<T>(),
+         directions);
 }
 
 // -------------------------------------------------------------------- mined (sparse) losses

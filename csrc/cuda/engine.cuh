@@ -91,18 +91,19 @@ __global__ void dense_finish_kernel(Policy policy, const typename Policy::State*
   if (i < n) terms[i] = policy.finish(state[i], positive[i], saved + kSavedWidth * i);
 }
 
-// The tile S_c turned into G_c = grad·∂L/∂S_c in place: a thread per column of the block's
+// The tile S_c turned into G_c = grad·∂L/∂S_c (of the anchors of `directions`) in place: a thread per column of the block's
 // column range, rows blockIdx.y, blockIdx.y + gridDim.y, … (coalesced rows).
 template <typename T, typename Policy>
 __global__ void dense_gradient_kernel(Policy policy, const T* __restrict__ grad, T* __restrict__ tile, int64_t rows,
                                       int64_t cols, int64_t r0, int64_t c0, const int64_t* __restrict__ labels,
-                                      const T* __restrict__ row_saved, const T* __restrict__ col_saved) {
+                                      const T* __restrict__ row_saved, const T* __restrict__ col_saved,
+                                      int directions) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= cols) return;
   const T g = *grad;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     T* entry = tile + r * cols + j;
-    *entry = g * dense_entry_gradient(policy, labels, r0 + r, c0 + j, *entry, row_saved, col_saved);
+    *entry = g * dense_entry_gradient(policy, labels, r0 + r, c0 + j, *entry, row_saved, col_saved, directions);
   }
 }
 

@@ -22,7 +22,8 @@ struct Engine {
     static void finish(const Policy& policy, const at::Tensor& state, const at::Tensor& positive,
                        const at::Tensor& terms, const at::Tensor& saved);
     static void gradient(const Policy& policy, const at::Tensor& grad, const at::Tensor& tile, int64_t r0, int64_t c0,
-                         const int64_t* labels, const at::Tensor& row_saved, const at::Tensor& col_saved);
+                         const int64_t* labels, const at::Tensor& row_saved, const at::Tensor& col_saved,
+                         int directions);
   };
 
   template <typename T>

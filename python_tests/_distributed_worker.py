@@ -1,0 +1,115 @@
+"""One rank of the multi-process tests of test_distributed.py: computes every loss case on its
+shard of a seeded global batch with group=WORLD and saves the losses and the gradients of its
+shard to OUT/rank{r}.pt. Started by torch.multiprocessing (`run`) or by torchrun (as a script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import vse_cuda
+
+D = 6
+
+
+def cases() -> dict[str, tuple]:
+    """name -> (loss function, keywords besides labels, labelled)."""
+    losses = {
+        "triplet_hardest": (vse_cuda.triplet_loss, dict(mining="hardest")),
+        "triplet_all": (vse_cuda.triplet_loss, dict(mining="all", margin=0.3)),
+        "triplet_topk": (vse_cuda.triplet_loss, dict(mining="topk", k=3)),
+        "unified": (vse_cuda.unified_loss, dict(scale=10.0, margin=0.1)),
+    }
+    out = {}
+    for name, (fn, options) in losses.items():
+        out[name] = (fn, options, False)
+        out[name + "_labels_mean_normalize"] = (fn, dict(options, reduction="mean", normalize=True), True)
+    return out
+
+
+def global_batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded float64 [n, D] pairs and labels with duplicates (two captions of one image)."""
+    generator = torch.Generator().manual_seed(1234)
+    img = torch.randn(n, D, generator=generator, dtype=torch.float64)
+    txt = img + 0.7 * torch.randn(n, D, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, max(n // 2, 1), (n,), generator=generator)
+    return img, txt, labels
+
+
+def compute(fn, options: dict, img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor | None, group):
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    loss = fn(img, txt, labels=labels, group=group, **options)
+    loss.backward()
+    return loss.detach(), img.grad, txt.grad
+
+
+def rank_results(rank: int, sizes: list[int]) -> dict:
+    img, txt, labels = global_batch(sum(sizes))
+    begin, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    results = {}
+    for name, (fn, options, labelled) in cases().items():
+        shard_labels = labels[begin:end] if labelled else None
+        results[name] = compute(fn, options, img[begin:end], txt[begin:end], shard_labels, dist.group.WORLD)
+    results["errors"] = bad_input_errors(rank)
+    return results
+
+
+def bad_input_errors(rank: int) -> dict[str, str]:
+    """The error each bad call raised on this rank (every rank must raise, none may hang)."""
+    errors = {}
+    width = D + rank  # the ranks disagree on D
+    try:
+        vse_cuda.triplet_loss(torch.randn(3, width), torch.randn(3, width), group=dist.group.WORLD)
+    except ValueError as error:
+        errors["mismatched_d"] = str(error)
+    labelled = torch.arange(3) if rank == 0 else None  # labels on one rank only
+    try:
+        vse_cuda.unified_loss(torch.randn(3, D), torch.randn(3, D), labels=labelled, group=dist.group.WORLD)
+    except ValueError as error:
+        errors["labels_on_one_rank"] = str(error)
+    alone = dist.new_group([0])  # every rank must take part in creating it
+    if rank != 0:
+        try:
+            vse_cuda.triplet_loss(torch.randn(3, D), torch.randn(3, D), group=alone)
+        except ValueError as error:
+            errors["not_a_member"] = str(error)
+    return errors
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str, sizes: list[int]) -> None:
+    """torch.multiprocessing entry point."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(rank_results(rank, sizes), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> int:
+    """torchrun entry point: RANK / WORLD_SIZE from the environment."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--sizes", type=int, nargs="+", required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        torch.save(rank_results(rank, args.sizes), Path(args.out_dir) / f"rank{rank}.pt")
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
