@@ -52,11 +52,21 @@ void for_each_column_block(int64_t rows, int64_t cols, const Fn& fn) {
   });
 }
 
+// Anchors per task of for_each_anchor: a per-anchor functor does O(1) to O(log N) work.
+constexpr int64_t kAnchorGrain = 2048;
+
 // The per-tile passes of common/engine_host.h on CPU tensors.
 struct Engine {
   struct Guard {
     explicit Guard(const at::Tensor&) {}
   };
+
+  template <typename Fn>
+  static void for_each_anchor(int64_t n, const Fn& fn) {
+    at::parallel_for(0, n, kAnchorGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) fn(i);
+    });
+  }
 
   template <typename T, typename Policy>
   struct Dense {
