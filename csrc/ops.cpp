@@ -45,7 +45,8 @@ TORCH_LIBRARY(VSE_OPS_NAMESPACE, m) {
   m.def(
       "quintuplet_forward(Tensor img, Tensor txt, Tensor off_img, Tensor off_txt, Tensor img2, Tensor txt2, "
       "Tensor labels, float margin_online, float margin_offline, float alpha, float beta, bool detach_weights, "
-      "int row_chunk, int col_chunk) -> (Tensor loss, Tensor saved, Tensor row_index, Tensor col_index)");
+      "int anchor_begin, int anchor_end, int row_chunk, int col_chunk) -> (Tensor loss, Tensor saved, "
+      "Tensor row_index, Tensor col_index)");
   m.def(
       "quintuplet_backward(Tensor grad, Tensor img, Tensor txt, Tensor off_img, Tensor off_txt, Tensor img2, "
       "Tensor txt2, Tensor saved, Tensor row_index, Tensor col_index) -> (Tensor grad_img, Tensor grad_txt, "
@@ -55,8 +56,8 @@ TORCH_LIBRARY(VSE_OPS_NAMESPACE, m) {
   // weights of the hardest negative and of the positive, row_index / col_index [N, 1].
   m.def(
       "goal_forward(Tensor img, Tensor txt, Tensor labels, str triplet_weight, str pair_weight, float tau, "
-      "float a, float b, float lam, int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, "
-      "Tensor col_saved, Tensor row_index, Tensor col_index)");
+      "float a, float b, float lam, int anchor_begin, int anchor_end, int row_chunk, int col_chunk) -> "
+      "(Tensor loss, Tensor row_saved, Tensor col_saved, Tensor row_index, Tensor col_index)");
   m.def(
       "goal_backward(Tensor grad, Tensor img, Tensor txt, Tensor row_saved, Tensor col_saved, Tensor row_index, "
       "Tensor col_index) -> (Tensor grad_img, Tensor grad_txt)");

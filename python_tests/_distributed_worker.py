@@ -20,43 +20,51 @@ D = 6
 
 
 def cases() -> dict[str, tuple]:
-    """name -> (loss function, keywords besides labels, labelled)."""
+    """name -> (loss function, keywords besides labels, labelled, number of embedding inputs)."""
     losses = {
-        "triplet_hardest": (vse_cuda.triplet_loss, dict(mining="hardest")),
-        "triplet_all": (vse_cuda.triplet_loss, dict(mining="all", margin=0.3)),
-        "triplet_topk": (vse_cuda.triplet_loss, dict(mining="topk", k=3)),
-        "unified": (vse_cuda.unified_loss, dict(scale=10.0, margin=0.1)),
+        "triplet_hardest": (vse_cuda.triplet_loss, dict(mining="hardest"), 2),
+        "triplet_all": (vse_cuda.triplet_loss, dict(mining="all", margin=0.3), 2),
+        "triplet_topk": (vse_cuda.triplet_loss, dict(mining="topk", k=3), 2),
+        "unified": (vse_cuda.unified_loss, dict(scale=10.0, margin=0.1), 2),
+        "quintuplet": (vse_cuda.quintuplet_loss, dict(margin_offline=0.1), 6),
+        "quintuplet_detached": (vse_cuda.quintuplet_loss, dict(detach_weights=True), 6),
+        "goal_nca_sig_ms": (vse_cuda.goal_loss, dict(triplet_weight="nca", pair_weight="sig_ms"), 2),
+        "goal_cir_lin_ms": (vse_cuda.goal_loss, dict(triplet_weight="cir", pair_weight="lin_ms"), 2),
     }
     out = {}
-    for name, (fn, options) in losses.items():
-        out[name] = (fn, options, False)
-        out[name + "_labels_mean_normalize"] = (fn, dict(options, reduction="mean", normalize=True), True)
+    for name, (fn, options, arity) in losses.items():
+        out[name] = (fn, options, False, arity)
+        out[name + "_labels_mean_normalize"] = (fn, dict(options, reduction="mean", normalize=True), True, arity)
     return out
 
 
-def global_batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded float64 [n, D] pairs and labels with duplicates (two captions of one image)."""
+def global_batch(n: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Seeded float64 [n, D] inputs (img, txt: aligned pairs; then off_img, off_txt, img2,
+    txt2) and labels with duplicates (two captions of one image)."""
     generator = torch.Generator().manual_seed(1234)
     img = torch.randn(n, D, generator=generator, dtype=torch.float64)
     txt = img + 0.7 * torch.randn(n, D, generator=generator, dtype=torch.float64)
+    offline = tuple(torch.randn(n, D, generator=generator, dtype=torch.float64) for _ in range(4))
     labels = torch.randint(0, max(n // 2, 1), (n,), generator=generator)
-    return img, txt, labels
+    return (img, txt, *offline), labels
 
 
-def compute(fn, options: dict, img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor | None, group):
-    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    loss = fn(img, txt, labels=labels, group=group, **options)
+def compute(fn, options: dict, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None, group):
+    """(loss, gradient of every input)."""
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    loss = fn(*leaves, labels=labels, group=group, **options)
     loss.backward()
-    return loss.detach(), img.grad, txt.grad
+    return loss.detach(), *[x.grad for x in leaves]
 
 
 def rank_results(rank: int, sizes: list[int]) -> dict:
-    img, txt, labels = global_batch(sum(sizes))
+    inputs, labels = global_batch(sum(sizes))
     begin, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
     results = {}
-    for name, (fn, options, labelled) in cases().items():
+    for name, (fn, options, labelled, arity) in cases().items():
+        shard = tuple(x[begin:end] for x in inputs[:arity])
         shard_labels = labels[begin:end] if labelled else None
-        results[name] = compute(fn, options, img[begin:end], txt[begin:end], shard_labels, dist.group.WORLD)
+        results[name] = compute(fn, options, shard, shard_labels, dist.group.WORLD)
     results["errors"] = bad_input_errors(rank)
     return results
 

@@ -30,31 +30,38 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 
 # ------------------------------------------------------------------ anchor ranges, one process
 
-def op_loss(name: str, ops, img, txt, labels, begin: int, end: int):
+def op_loss(name: str, ops, inputs, labels, begin: int, end: int):
+    img, txt = inputs[:2]
     if name == "unified":
         return ops.unified_forward(img, txt, labels, 10.0, 0.2, begin, end, 4, 6)[0]
+    if name == "quintuplet":
+        return ops.quintuplet_forward(*inputs, labels, 0.2, 0.1, 0.3, 1.5, False, begin, end, 4, 6)[0]
+    if name.startswith("goal"):
+        pair_weight = name.split("_", 1)[1]
+        return ops.goal_forward(img, txt, labels, "nca", pair_weight, 1.0, 2.0, 10.0, 0.5, begin, end, 4, 6)[0]
     mining, k = {"triplet_hardest": ("hardest", 1), "triplet_all": ("all", 1), "triplet_topk": ("topk", 3)}[name]
     return ops.triplet_forward(img, txt, labels, 0.2, mining, k, begin, end, 4, 6)[0]
 
 
 @pytest.mark.parametrize("labelled", [False, True])
-@pytest.mark.parametrize("name", ["triplet_hardest", "triplet_all", "triplet_topk", "unified"])
+@pytest.mark.parametrize("name", ["triplet_hardest", "triplet_all", "triplet_topk", "unified", "quintuplet",
+                                  "goal_sig_ms", "goal_lin_ms"])
 def test_anchor_ranges_partition_the_loss(backend, on_backend, name, labelled):
     # [0, 5) + [5, 5) + [5, 13) + [13, 23) with tiles of 4 × 6 (neither divides a range).
-    img, txt = random_inputs(23, 5, seed=4)
+    inputs = random_inputs(23, 5, seed=4, count=6)
     labels = make_labels("random", 23) if labelled else torch.empty(0, dtype=torch.int64)
     with on_backend():
-        ops = vse_cuda._lib.ops(img, txt)
+        ops = vse_cuda._lib.ops(*inputs)
     pieces = []
     for begin, end in [(0, 23), (0, 5), (5, 5), (5, 13), (13, 23)]:
-        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        leaves = [x.clone().requires_grad_() for x in inputs]
         with on_backend():
-            loss = op_loss(name, ops, a, b, labels, begin, end)
+            loss = op_loss(name, ops, leaves, labels, begin, end)
             loss.backward()
-        pieces.append((loss.detach(), a.grad, b.grad))
+        pieces.append((loss.detach(), *[torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]))
     whole, parts = pieces[0], pieces[1:]
-    assert float(parts[1][0]) == 0.0 and not parts[1][1].any() and not parts[1][2].any()  # no anchors, nothing
-    for got, want in zip((sum(p[s] for p in parts) for s in range(3)), whole):
+    assert all(float(t.abs().sum()) == 0.0 for t in parts[1])  # no anchors, no loss, no gradient
+    for got, want in zip((sum(p[s] for p in parts) for s in range(len(whole))), whole):
         torch.testing.assert_close(got, want, **TOL)
 
 
@@ -67,17 +74,18 @@ def test_anchor_range_out_of_bounds_is_refused():
 # ------------------------------------------------------------------------ several processes
 
 def single_process_results(sizes: list[int]) -> dict:
-    img, txt, labels = worker.global_batch(sum(sizes))
-    return {name: worker.compute(fn, options, img, txt, labels if labelled else None, None)
-            for name, (fn, options, labelled) in worker.cases().items()}
+    inputs, labels = worker.global_batch(sum(sizes))
+    return {name: worker.compute(fn, options, inputs[:arity], labels if labelled else None, None)
+            for name, (fn, options, labelled, arity) in worker.cases().items()}
 
 
 def check_ranks_against_single_process(out_dir: Path, sizes: list[int]) -> None:
     ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(len(sizes))]
-    for name, (loss, grad_img, grad_txt) in single_process_results(sizes).items():
+    for name, (loss, *grads) in single_process_results(sizes).items():
         torch.testing.assert_close(sum(r[name][0] for r in ranks), loss, **TOL, msg=f"{name}: loss")
-        torch.testing.assert_close(torch.cat([r[name][1] for r in ranks]), grad_img, **TOL, msg=f"{name}: d img")
-        torch.testing.assert_close(torch.cat([r[name][2] for r in ranks]), grad_txt, **TOL, msg=f"{name}: d txt")
+        for s, grad in enumerate(grads, start=1):
+            torch.testing.assert_close(torch.cat([r[name][s] for r in ranks]), grad, **TOL,
+                                       msg=f"{name}: gradient of input {s - 1}")
     for rank, results in enumerate(ranks):
         errors = results["errors"]
         assert "only the first dimension" in errors["mismatched_d"], errors

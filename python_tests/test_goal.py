@@ -2,7 +2,14 @@
 the logging value and the injected gradient for every triplet × pair weight, with and without
 labels, both reductions, normalization, chunk sizes that do and do not divide N, all dtypes;
 the relative-similarity sets without cancellation, grad_output scaling, the VSE++ special
-case, opcheck, torch.compile, determinism, special cases and bad input."""
+case, opcheck, torch.compile, determinism, special cases and bad input.
+
+On simt (and cuda) this runs csrc/cuda/engine.cuh: topk_tile_kernel (the mined lists, k = 1),
+for lin_ms / sig_ms dense_rows_kernel and dense_columns_kernel over NegativeSetPolicy (the
+negative sets, in the same tile sweep), gather_rows_kernel (sparse backward), and
+csrc/cuda/anchors.cuh: anchors_kernel over GoalAnchors (each anchor's value and weights) and,
+for lin_ms / sig_ms, over detail::ScanBlock and detail::AddBlockOffset (the sorted positives'
+prefix sums)."""
 
 from __future__ import annotations
 
@@ -18,17 +25,20 @@ import torch
 import vse_cuda
 from vse_cuda import reference as ref
 
-from _loss_cases import (LABEL_KINDS, assert_close, chunk_options, grid_inputs, loss_and_grads, make_labels,
-                         random_inputs)
+from _loss_cases import (CUDA_BACKEND, LABEL_KINDS, assert_close, chunk_options, grid_inputs, loss_and_grads,
+                         make_labels, per_backend, random_inputs)
 
-LOSS_BACKENDS = ["cpu"]
-"""Backends these tests run on: the CUDA/SIMT kernels of the losses are not written yet, so
-the losses run on the CPU engine only."""
+LOSS_BACKENDS = ["cpu", "simt", CUDA_BACKEND]
 
 TRIPLET_WEIGHTS = ("con", "nca", "cir")
 PAIR_WEIGHTS = ("con", "lin", "sig", "lin_ms", "sig_ms")
 WEIGHTS = list(itertools.product(TRIPLET_WEIGHTS, PAIR_WEIGHTS))
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
+CASES = [(n, d, label_kind) for n, d in SIZES for label_kind in LABEL_KINDS]
+# Every N and D; N = 128 with one label pattern only (each case runs 40 calls, several
+# seconds each on the executor at that N).
+SIMT_CASES = [(n, d, label_kind) for n, d in [(1, 1), (2, 3), (3, 64), (17, 3)] for label_kind in LABEL_KINDS]
+SIMT_CASES.append((128, 64, "random"))
 
 
 @pytest.fixture(params=LOSS_BACKENDS)
@@ -55,8 +65,7 @@ def assert_all_close(got, want, dtype, case="", tol=None):
 
 
 @pytest.mark.parametrize("triplet_weight", TRIPLET_WEIGHTS)
-@pytest.mark.parametrize("label_kind", LABEL_KINDS)
-@pytest.mark.parametrize("n,d", SIZES)
+@pytest.mark.parametrize("backend,n,d,label_kind", per_backend(LOSS_BACKENDS, CASES, SIMT_CASES))
 def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, triplet_weight):
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
     labels = make_labels(label_kind, n)
@@ -215,7 +224,8 @@ def test_column_tiles(backend, device, on_backend, pair_weight):
 
     def via_op(a, b):
         with on_backend():
-            return vse_cuda._lib.ops(a, b).goal_forward(a, b, labels, "cir", pair_weight, 1.0, 2.0, 10.0, 0.5, 5, 7)[0]
+            op = vse_cuda._lib.ops(a, b).goal_forward
+            return op(a, b, labels, "cir", pair_weight, 1.0, 2.0, 10.0, 0.5, 0, a.size(0), 5, 7)[0]
 
     got = loss_and_grads(via_op, img, txt)
     want = loss_and_grads(oracle(triplet_weight="cir", pair_weight=pair_weight, labels=labels), img, txt)
@@ -278,14 +288,17 @@ def test_con_con_is_the_hardest_triplet_when_every_hinge_is_active(backend, devi
 
 @pytest.mark.parametrize("labelled", [False, True])
 @pytest.mark.parametrize("triplet_weight,pair_weight", [("con", "con"), ("nca", "sig_ms"), ("cir", "lin_ms")])
-def test_opcheck(triplet_weight, pair_weight, labelled):
-    img, txt = (x.float().requires_grad_() for x in random_inputs(9, 5, seed=3))
-    labels = make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)
-    op = torch.ops.vse_cuda
-    args = (img, txt, labels, triplet_weight, pair_weight, 1.0, 2.0, 10.0, 0.5, 4, 6)
+@pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
+def test_opcheck(backend, device, on_backend, triplet_weight, pair_weight, labelled, anchors):
+    img, txt = (x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3))
+    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
+    with on_backend():
+        op = vse_cuda._lib.ops(img, txt)
+    args = (img, txt, labels, triplet_weight, pair_weight, 1.0, 2.0, 10.0, 0.5, *anchors, 4, 6)
     torch.library.opcheck(op.goal_forward.default, args)
     _, *saved = op.goal_forward(img.detach(), txt.detach(), *args[2:])
-    torch.library.opcheck(op.goal_backward.default, (torch.tensor(1.5), img.detach(), txt.detach(), *saved))
+    torch.library.opcheck(op.goal_backward.default,
+                          (torch.tensor(1.5, device=device), img.detach(), txt.detach(), *saved))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -306,6 +319,55 @@ def test_bitwise_deterministic(backend, device, on_backend, pair_weight):
     first, second = loss_and_grads(fn, img, txt), loss_and_grads(fn, img, txt)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("pair_weight", ["con", "lin_ms", "sig_ms"])
+def test_simt_bitwise_deterministic_across_worker_counts(monkeypatch, pair_weight):
+    # The executor runs blocks on VSE_SIMT_THREADS OS threads: 1 and 3 workers interleave the
+    # blocks differently, and the results must not notice (no float atomics, fixed orders).
+    img, txt = aligned_inputs(150, 16, 0.8, torch.float32)
+    labels = make_labels("random", 150)
+    runs = []
+    for workers in ("1", "3", "1"):
+        monkeypatch.setenv("VSE_SIMT_THREADS", workers)
+        fn = ours(lambda: vse_cuda.use_backend("simt"), triplet_weight="cir", pair_weight=pair_weight, labels=labels,
+                  chunk_size=40)
+        runs.append(loss_and_grads(fn, img, txt))
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0])
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], other[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_simt_kernels_match_the_cpu_kernels(dtype):
+    # The ops themselves on 5 × 4 tiles (chunks 16 and 24 do not divide N = 75), for every
+    # triplet × pair weight: the same saved weights (layout and values), index lists and
+    # gradients as the CPU kernels. Aligned inputs fill the relative sets partly.
+    img, txt = aligned_inputs(75, 16, 0.8, dtype, seed=11)
+    labels = make_labels("random", 75)
+    grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for triplet_weight, pair_weight in WEIGHTS:
+        results = []
+        for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
+            forward = ops.goal_forward(img, txt, labels, triplet_weight, pair_weight, 1.0, 2.0, 10.0, 0.5, 0, 75, 16,
+                                       24)
+            results.append(forward + ops.goal_backward(grad, img, txt, *forward[1:]))
+        cpu, simt = results
+        assert torch.equal(simt[3], cpu[3]) and torch.equal(simt[4], cpu[4])
+        for got, want in zip(simt, cpu):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{triplet_weight}/{pair_weight}: {m}")
+
+
+@pytest.mark.parametrize("pair_weight", ["lin_ms", "sig_ms"])
+def test_sorted_positives_over_several_scan_blocks(backend, device, on_backend, pair_weight):
+    # N = 600 positives: their prefix sums span three blocks of the engine's scan (256 each).
+    img, txt = (x.to(device) for x in aligned_inputs(600, 16, 0.8, seed=17))
+    options = dict(triplet_weight="nca", pair_weight=pair_weight, labels=make_labels("pairs", 600).to(device))
+    want = loss_and_grads(oracle(**options), img, txt)
+    got = loss_and_grads(ours(on_backend, chunk_size=256, **options), img, txt)
+    assert_all_close(got, want, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -338,7 +400,8 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend, where, pair_weigh
     assert grads[0].shape == img.shape and grads[1].shape == txt.shape
     with on_backend():
         _, _, _, row_index, col_index = vse_cuda._lib.ops(img, txt).goal_forward(
-            img, txt, torch.empty(0, dtype=torch.int64, device=device), "con", pair_weight, 1.0, 2.0, 10.0, 0.5, 4, 10)
+            img, txt, torch.empty(0, dtype=torch.int64, device=device), "con", pair_weight, 1.0, 2.0, 10.0, 0.5, 0, 10, 4,
+            10)
     assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
 
 
@@ -364,11 +427,12 @@ def test_module_matches_the_function():
     assert torch.equal(vse_cuda.GoalLoss()(img, txt), vse_cuda.goal_loss(img, txt))
 
 
-def test_group_is_not_implemented_yet():
+def test_group_must_be_a_process_group():
+    # group= itself is tested with several processes in test_distributed.py.
     img, txt = random_inputs(3, 2)
-    with pytest.raises(NotImplementedError, match="distributed issue"):
+    with pytest.raises(TypeError, match="ProcessGroup"):
         vse_cuda.goal_loss(img, txt, group=object())
-    with pytest.raises(NotImplementedError, match="distributed issue"):
+    with pytest.raises(TypeError, match="ProcessGroup"):
         vse_cuda.GoalLoss(group=object())
 
 

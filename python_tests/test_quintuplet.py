@@ -2,7 +2,11 @@
 vse_cuda.reference.quintuplet_loss: the loss and all six gradients in both weight modes, with
 and without labels, both reductions, normalization, chunk sizes that do and do not divide N,
 all dtypes; gradcheck, a surrogate for detached weights, opcheck, torch.compile, determinism,
-special cases and bad input."""
+special cases and bad input.
+
+On simt (and cuda) this runs csrc/cuda/engine.cuh: topk_tile_kernel (the mined lists, k = 1),
+gather_rows_kernel (sparse backward), and csrc/cuda/anchors.cuh: anchors_kernel over
+QuintupletAnchors (each anchor's term and saved gradients)."""
 
 from __future__ import annotations
 
@@ -18,14 +22,13 @@ import torch.nn.functional as F
 import vse_cuda
 from vse_cuda import reference as ref
 
-from _loss_cases import (LABEL_KINDS, assert_close, chunk_options, grid_inputs, loss_and_grads, make_labels,
-                         random_inputs)
+from _loss_cases import (CUDA_BACKEND, LABEL_KINDS, assert_close, chunk_options, grid_inputs, loss_and_grads,
+                         make_labels, per_backend, random_inputs)
 
-LOSS_BACKENDS = ["cpu"]
-"""Backends these tests run on: the CUDA/SIMT kernels of the losses are not written yet, so
-the losses run on the CPU engine only."""
+LOSS_BACKENDS = ["cpu", "simt", CUDA_BACKEND]
 
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
+SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
 NAMES = ("img", "txt", "off_img", "off_txt", "img2", "txt2")
 
 
@@ -55,7 +58,7 @@ def assert_all_close(got, want, dtype, case="", scale=1.0, tol=None):
 
 @pytest.mark.parametrize("detach_weights", [False, True])
 @pytest.mark.parametrize("label_kind", LABEL_KINDS)
-@pytest.mark.parametrize("n,d", SIZES)
+@pytest.mark.parametrize("backend,n,d", per_backend(LOSS_BACKENDS, SIZES, SIMT_SIZES))
 def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, detach_weights):
     inputs = [x.to(device) for x in random_inputs(n, d, seed=100 * n + d, count=6)]
     labels = make_labels(label_kind, n)
@@ -120,7 +123,8 @@ def test_column_tiles(backend, device, on_backend):
 
     def via_op(*xs):
         with on_backend():
-            return vse_cuda._lib.ops(*xs).quintuplet_forward(*xs, labels, 0.2, 0.05, 0.3, 1.5, False, 5, 7)[0]
+            return vse_cuda._lib.ops(*xs).quintuplet_forward(*xs, labels, 0.2, 0.05, 0.3, 1.5, False, 0, xs[0].size(0),
+                                                               5, 7)[0]
 
     got = loss_and_grads(via_op, *inputs)
     want = loss_and_grads(oracle(labels=labels, margin_offline=0.05), *inputs)
@@ -202,15 +206,17 @@ def test_detached_weights_are_constants(backend, device, on_backend, labelled, n
 
 @pytest.mark.parametrize("detach_weights", [False, True])
 @pytest.mark.parametrize("labelled", [False, True])
-def test_opcheck(labelled, detach_weights):
-    inputs = [x.float().requires_grad_() for x in random_inputs(9, 5, seed=3, count=6)]
-    labels = make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)
-    op = torch.ops.vse_cuda
-    args = (*inputs, labels, 0.2, 0.05, 0.3, 1.5, detach_weights, 4, 6)
+@pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
+def test_opcheck(backend, device, on_backend, labelled, detach_weights, anchors):
+    inputs = [x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3, count=6)]
+    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
+    with on_backend():
+        op = vse_cuda._lib.ops(*inputs)
+    args = (*inputs, labels, 0.2, 0.05, 0.3, 1.5, detach_weights, *anchors, 4, 6)
     torch.library.opcheck(op.quintuplet_forward.default, args)
     detached = [x.detach() for x in inputs]
     _, *saved = op.quintuplet_forward(*detached, *args[6:])
-    torch.library.opcheck(op.quintuplet_backward.default, (torch.tensor(1.5), *detached, *saved))
+    torch.library.opcheck(op.quintuplet_backward.default, (torch.tensor(1.5, device=device), *detached, *saved))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -230,6 +236,42 @@ def test_bitwise_deterministic(backend, device, on_backend, detach_weights):
     first, second = loss_and_grads(fn, *inputs), loss_and_grads(fn, *inputs)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("detach_weights", [False, True])
+def test_simt_bitwise_deterministic_across_worker_counts(monkeypatch, detach_weights):
+    # The executor runs blocks on VSE_SIMT_THREADS OS threads: 1 and 3 workers interleave the
+    # blocks differently, and the results must not notice (no float atomics, fixed orders).
+    inputs = random_inputs(150, 16, torch.float32, seed=10, count=6)
+    labels = make_labels("random", 150)
+    runs = []
+    for workers in ("1", "3", "1"):
+        monkeypatch.setenv("VSE_SIMT_THREADS", workers)
+        fn = ours(lambda: vse_cuda.use_backend("simt"), labels=labels, chunk_size=40, detach_weights=detach_weights)
+        runs.append(loss_and_grads(fn, *inputs))
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0])
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], other[1]))
+
+
+@pytest.mark.parametrize("detach_weights", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_simt_kernels_match_the_cpu_kernels(dtype, detach_weights):
+    # The ops themselves on 5 × 4 tiles (chunks 16 and 24 do not divide N = 75): the same
+    # saved gradients (layout and values), index lists and input gradients as the CPU kernels.
+    inputs = random_inputs(75, 16, dtype, seed=11, count=6)
+    labels = make_labels("random", 75)
+    grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    results = []
+    for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
+        forward = ops.quintuplet_forward(*inputs, labels, 0.2, 0.05, 0.3, 1.5, detach_weights, 0, 75, 16, 24)
+        results.append(forward + ops.quintuplet_backward(grad, *inputs, *forward[1:]))
+    cpu, simt = results
+    assert torch.equal(simt[2], cpu[2]) and torch.equal(simt[3], cpu[3])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for got, want in zip(simt, cpu):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -273,7 +315,7 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend, which):
     assert all(g.shape == x.shape for g, x in zip(grads, inputs))
     with on_backend():
         _, _, row_index, col_index = vse_cuda._lib.ops(*inputs).quintuplet_forward(
-            *inputs, torch.empty(0, dtype=torch.int64, device=device), 0.2, 0.0, 0.3, 1.5, False, 4, 10)
+            *inputs, torch.empty(0, dtype=torch.int64, device=device), 0.2, 0.0, 0.3, 1.5, False, 0, 10, 4, 10)
     assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
 
 
@@ -303,11 +345,12 @@ def test_module_matches_the_function():
     assert torch.equal(vse_cuda.QuintupletLoss()(*inputs), vse_cuda.quintuplet_loss(*inputs))
 
 
-def test_group_is_not_implemented_yet():
+def test_group_must_be_a_process_group():
+    # group= itself is tested with several processes in test_distributed.py.
     inputs = random_inputs(3, 2, count=6)
-    with pytest.raises(NotImplementedError, match="distributed issue"):
+    with pytest.raises(TypeError, match="ProcessGroup"):
         vse_cuda.quintuplet_loss(*inputs, group=object())
-    with pytest.raises(NotImplementedError, match="distributed issue"):
+    with pytest.raises(TypeError, match="ProcessGroup"):
         vse_cuda.QuintupletLoss(group=object())
 
 

@@ -88,16 +88,9 @@ def triplet_loss(
     reduction = check_choice("reduction", reduction, REDUCTIONS)
     check_bool("normalize", normalize)
     labels = check_labels("labels", labels, n, img.device)
-    _check_group(group)
-    out_dtype = img.dtype
-    img, txt = _prepare(normalize, img, txt)
-    img, txt, labels, anchors = _distribute(group, labels, img, txt)
-    n = img.size(0)
-    chunks = _chunks(n, img.dtype, chunk_size)
-    k = min(k, n) if mining == "topk" else 1
-    op = _lib.ops(img, txt).triplet_forward
-    total = op(img, txt, _labels_or_empty(labels, img), margin, mining, k, *anchors, chunks.rows, chunks.cols)[0]
-    return _reduce(total, n, reduction).to(out_dtype)
+    # The op lists min(k, N) negatives per anchor for "topk" and ignores k otherwise.
+    return _engine_loss("triplet_forward", (img, txt), labels, group, normalize, chunk_size, reduction,
+                        margin, mining, k)
 
 
 def unified_loss(
@@ -144,15 +137,8 @@ def unified_loss(
     reduction = check_choice("reduction", reduction, REDUCTIONS)
     check_bool("normalize", normalize)
     labels = check_labels("labels", labels, n, img.device)
-    _check_group(group)
-    out_dtype = img.dtype
-    img, txt = _prepare(normalize, img, txt)
-    img, txt, labels, anchors = _distribute(group, labels, img, txt)
-    n = img.size(0)
-    chunks = _chunks(n, img.dtype, chunk_size)
-    op = _lib.ops(img, txt).unified_forward
-    total = op(img, txt, _labels_or_empty(labels, img), scale, margin, *anchors, chunks.rows, chunks.cols)[0]
-    return _reduce(total, n, reduction).to(out_dtype)
+    return _engine_loss("unified_forward", (img, txt), labels, group, normalize, chunk_size, reduction,
+                        scale, margin)
 
 
 def quintuplet_loss(
@@ -203,7 +189,9 @@ def quintuplet_loss(
             (the offline terms are not masked).
         normalize: L2-normalize all six inputs first (``F.normalize``).
         reduction: "sum" or "mean" (sum / N).
-        group: negatives gathered across ranks; not implemented yet (raises).
+        group: a ``torch.distributed`` process group: negatives come from every rank of it,
+            anchors stay local (see :mod:`vse_cuda.distributed`); the sum of the ranks' losses
+            is the loss of the concatenated batch, gradients included. None: this process only.
         chunk_size: rows of S per chunk (default: from the memory budget).
 
     Returns:
@@ -218,14 +206,8 @@ def quintuplet_loss(
     reduction = check_choice("reduction", reduction, REDUCTIONS)
     check_bool("normalize", normalize)
     labels = check_labels("labels", labels, n, img.device)
-    _check_group(group, "quintuplet_loss")
-    chunks = _chunks(n, img.dtype, chunk_size)
-    out_dtype = img.dtype
-    inputs = _prepare(normalize, img, txt, off_img, off_txt, img2, txt2)
-    op = _lib.ops(*inputs).quintuplet_forward
-    total = op(*inputs, _labels_or_empty(labels, img), margin_online, margin_offline, alpha, beta, detach_weights,
-               chunks.rows, chunks.cols)[0]
-    return _reduce(total, n, reduction).to(out_dtype)
+    return _engine_loss("quintuplet_forward", (img, txt, off_img, off_txt, img2, txt2), labels, group, normalize,
+                        chunk_size, reduction, margin_online, margin_offline, alpha, beta, detach_weights)
 
 
 def goal_loss(
@@ -271,7 +253,9 @@ def goal_loss(
         labels: optional int64 [N] image ids; same-label pairs are never negatives.
         normalize: L2-normalize img and txt first (``F.normalize``).
         reduction: "sum" or "mean" (value and gradient / N).
-        group: negatives gathered across ranks; not implemented yet (raises).
+        group: a ``torch.distributed`` process group: negatives come from every rank of it,
+            anchors stay local (see :mod:`vse_cuda.distributed`); the sum of the ranks' losses
+            is the loss of the concatenated batch, gradients included. None: this process only.
         chunk_size: rows of S per chunk (default: from the memory budget).
 
     Returns:
@@ -287,14 +271,8 @@ def goal_loss(
     reduction = check_choice("reduction", reduction, REDUCTIONS)
     check_bool("normalize", normalize)
     labels = check_labels("labels", labels, n, img.device)
-    _check_group(group, "goal_loss")
-    chunks = _chunks(n, img.dtype, chunk_size)
-    out_dtype = img.dtype
-    img, txt = _prepare(normalize, img, txt)
-    op = _lib.ops(img, txt).goal_forward
-    total = op(img, txt, _labels_or_empty(labels, img), triplet_weight, pair_weight, tau, a, b, lam, chunks.rows,
-               chunks.cols)[0]
-    return _reduce(total, n, reduction).to(out_dtype)
+    return _engine_loss("goal_forward", (img, txt), labels, group, normalize, chunk_size, reduction,
+                        triplet_weight, pair_weight, tau, a, b, lam)
 
 
 class TripletLoss(nn.Module):
@@ -364,7 +342,7 @@ class QuintupletLoss(nn.Module):
         self.detach_weights = check_bool("detach_weights", detach_weights)
         self.normalize = check_bool("normalize", normalize)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        _check_group(group, "QuintupletLoss")
+        _check_group(group)
         self.group = group
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
@@ -397,7 +375,7 @@ class GoalLoss(nn.Module):
         self.lam = check_finite("lam", lam)
         self.normalize = check_bool("normalize", normalize)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        _check_group(group, "GoalLoss")
+        _check_group(group)
         self.group = group
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
@@ -427,12 +405,9 @@ def _check_pair(img: object, txt: object, **more: object) -> int:
     return img.size(0)
 
 
-def _check_group(group: object, unsupported: str | None = None) -> None:
+def _check_group(group: object) -> None:
     if group is None:
         return
-    if unsupported is not None:
-        raise NotImplementedError(f"{unsupported}: group= (negatives gathered across ranks) is not implemented "
-                                  "yet; see the distributed issue")
     if not torch.distributed.is_available():
         raise RuntimeError("group= needs a PyTorch built with torch.distributed")
     if group is torch.distributed.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to non-members
@@ -454,10 +429,21 @@ def _distribute(group, labels: torch.Tensor | None, *embeddings: torch.Tensor):
     return (*gathered, labels, (shard.begin, shard.end))
 
 
-def _chunks(n: int, dtype: torch.dtype, chunk_size: int | None):
+def _engine_loss(op_name: str, embeddings: tuple[torch.Tensor, ...], labels: torch.Tensor | None, group,
+                 normalize: bool, chunk_size: int | None, reduction: str, *options) -> torch.Tensor:
+    """What every loss does once its arguments are checked: normalize, gather across the group,
+    plan the chunks, run the op ``op_name(*embeddings, labels, *options, anchors, chunks)`` and
+    reduce, in the dtype of the inputs."""
+    _check_group(group)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, 1)
-    return plan_chunks(n, n, dtype, chunk_size)
+    out_dtype = embeddings[0].dtype
+    *embeddings, labels, anchors = _distribute(group, labels, *_prepare(normalize, *embeddings))
+    n = embeddings[0].size(0)
+    chunks = plan_chunks(n, n, embeddings[0].dtype, chunk_size)
+    op = getattr(_lib.ops(*embeddings), op_name)
+    total = op(*embeddings, _labels_or_empty(labels, embeddings[0]), *options, *anchors, chunks.rows, chunks.cols)[0]
+    return _reduce(total, n, reduction).to(out_dtype)
 
 
 def _prepare(normalize: bool, *embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -510,7 +496,7 @@ def _register(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::quintuplet_forward")
     def _(img, txt, off_img, off_txt, img2, txt2, labels, margin_online, margin_offline, alpha, beta, detach_weights,
-          row_chunk, col_chunk):
+          anchor_begin, anchor_end, row_chunk, col_chunk):
         n, acc = img.size(0), _acc_dtype(img.dtype)
         return (img.new_empty((), dtype=acc), img.new_empty(n, 7, dtype=acc), img.new_empty(n, 1, dtype=torch.int64),
                 img.new_empty(n, 1, dtype=torch.int64))
@@ -520,7 +506,8 @@ def _register(namespace: str) -> None:
         return tuple(x.new_empty(x.shape) for x in (img, txt, off_img, off_txt, img2, txt2))
 
     @torch.library.register_fake(f"{namespace}::goal_forward")
-    def _(img, txt, labels, triplet_weight, pair_weight, tau, a, b, lam, row_chunk, col_chunk):
+    def _(img, txt, labels, triplet_weight, pair_weight, tau, a, b, lam, anchor_begin, anchor_end, row_chunk,
+          col_chunk):
         n, acc = img.size(0), _acc_dtype(img.dtype)
         return (img.new_empty((), dtype=acc), img.new_empty(n, 2, dtype=acc), img.new_empty(n, 2, dtype=acc),
                 img.new_empty(n, 1, dtype=torch.int64), img.new_empty(n, 1, dtype=torch.int64))
@@ -559,14 +546,14 @@ def _register(namespace: str) -> None:
         return grad_img, grad_txt, None, None, None, None, None, None, None
 
     def setup_quintuplet(ctx, inputs, output):
-        *embeddings, labels, margin_online, margin_offline, alpha, beta, detach_weights, row_chunk, col_chunk = inputs
+        embeddings = inputs[:6]
         _, saved, row_index, col_index = output
         ctx.mark_non_differentiable(saved, row_index, col_index)
         ctx.save_for_backward(*embeddings, saved, row_index, col_index)
 
     def backward_quintuplet(ctx, grad, *_):
         grads = ops.quintuplet_backward(grad, *ctx.saved_tensors)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, *[None] * 10)
 
     # GOAL's backward injects grad times the weights saved in forward (constants), not the
     # derivative of the value.
@@ -578,7 +565,7 @@ def _register(namespace: str) -> None:
 
     def backward_goal(ctx, grad, *_):
         grad_img, grad_txt = ops.goal_backward(grad, *ctx.saved_tensors)
-        return grad_img, grad_txt, None, None, None, None, None, None, None, None, None
+        return grad_img, grad_txt, *[None] * 11
 
     torch.library.register_autograd(f"{namespace}::triplet_forward", backward_triplet, setup_context=setup_triplet)
     torch.library.register_autograd(f"{namespace}::unified_forward", backward_unified, setup_context=setup_unified)

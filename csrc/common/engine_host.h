@@ -5,11 +5,16 @@
 // a backend supplies only its per-tile passes as an `Engine` (cpu/engine.h, cuda/engine.h):
 //
 //   Engine::Guard(tensor)          keeps the tensor's device current for the op's duration
+//   Engine::for_each_anchor(n, fn) fn(i) for every i < n, in parallel; fn is a small
+//                                  VSE_HOST_DEVICE functor of common/ (raw device pointers)
+//                                  that writes only what belongs to its i
 //   Engine::Dense<T, Policy>       the passes of a dense policy (common/engine.h):
 //     rows(policy, tile, r0, c0, labels, positive, row_state)
 //         folds each tile row's valid negatives into its row anchor's state
 //     columns(policy, tile, r0, c0, labels, positive, col_state)
 //         folds each tile column's valid negatives into its column anchor's state
+//         (these two use only State, add and merge: a per-anchor reduction over the valid
+//         negatives, such as GOAL's NegativeSetPolicy, needs nothing else)
 //     finish(policy, state, positive, terms, saved)
 //         terms[i] = policy.finish(state[i], positive[i], saved[i])
 //     gradient(policy, grad, tile, r0, c0, labels, row_saved, col_saved, directions)
@@ -122,6 +127,81 @@ void for_each_anchor_tile(const at::Tensor& a, const at::Tensor& b, const Anchor
   });
 }
 
+namespace detail {
+
+// fn(first + k): a per-anchor functor moved to the anchors' range.
+template <typename Fn>
+struct FromFirst {
+  Fn fn;
+  int64_t first;
+
+  VSE_HOST_DEVICE void operator()(int64_t k) const { fn(first + k); }
+};
+
+}  // namespace detail
+
+// fn(i) for every pair i of the anchors (Engine::for_each_anchor over their range).
+template <class Engine, typename Fn>
+void for_each_anchor_of(const Anchors& anchors, const Fn& fn) {
+  Engine::for_each_anchor(anchors.size(), detail::FromFirst<Fn>{fn, anchors.begin});
+}
+
+// ------------------------------------------------------------------------- prefix sums
+
+// Terms per block of a prefix sum: one thread sums a block sequentially.
+constexpr int64_t kScanBlock = 256;
+
+namespace detail {
+
+// Block j's running sums, out[k + 1] = Σ_{begin ≤ l ≤ k} terms[l], and its total.
+struct ScanBlock {
+  const double* terms;
+  double* out;
+  double* totals;
+  int64_t n;
+
+  VSE_HOST_DEVICE void operator()(int64_t j) const {
+    const int64_t begin = j * kScanBlock, end = begin + kScanBlock < n ? begin + kScanBlock : n;
+    double running = 0.0;
+    for (int64_t k = begin; k < end; ++k) {
+      running += terms[k];
+      out[k + 1] = running;
+    }
+    totals[j] = running;
+  }
+};
+
+// Block j's running sums plus the totals of the blocks before it, summed in block order.
+struct AddBlockOffset {
+  const double* totals;
+  double* out;
+  int64_t n;
+
+  VSE_HOST_DEVICE void operator()(int64_t j) const {
+    double offset = 0.0;
+    for (int64_t l = 0; l < j; ++l) offset += totals[l];
+    const int64_t begin = j * kScanBlock, end = begin + kScanBlock < n ? begin + kScanBlock : n;
+    for (int64_t k = begin; k < end; ++k) out[k + 1] += offset;
+  }
+};
+
+}  // namespace detail
+
+// [n + 1] prefix sums Σ_{k<e} terms[k] of a [n] double tensor, in a fixed order on every
+// backend (torch.cumsum is not deterministic for floating types on CUDA): blocks summed
+// sequentially, in parallel, then offset by the preceding blocks' totals.
+template <class Engine>
+at::Tensor prefix_sums(const at::Tensor& terms) {
+  const auto input = terms.contiguous();
+  const int64_t n = input.size(0), blocks = (n + kScanBlock - 1) / kScanBlock;
+  auto out = at::zeros({n + 1}, input.options());
+  const auto totals = at::empty({blocks}, input.options());
+  Engine::for_each_anchor(blocks, detail::ScanBlock{input.data_ptr<double>(), out.data_ptr<double>(),
+                                                    totals.data_ptr<double>(), n});
+  Engine::for_each_anchor(blocks, detail::AddBlockOffset{totals.data_ptr<double>(), out.data_ptr<double>(), n});
+  return out;
+}
+
 // ------------------------------------------------------------------------------ dense losses
 
 // Forward of a dense loss: (loss summed over the anchors' row and column terms, row_saved
@@ -186,9 +266,9 @@ struct MinedLists {
   at::Tensor row_values, row_indices, col_values, col_indices, positive;
 };
 
-// on_tile(tile, r0, c0, directions), when given, sees every tile after the lists did (a
-// backend's extra reduction in the same sweep, e.g. GOAL's negative sets in cpu::mine_negatives).
-// Only the anchors' lists are filled; the others stay empty.
+// on_tile(tile, r0, c0, directions), when given, sees every tile after the lists did (another
+// reduction in the same sweep, e.g. GOAL's negative sets through the Dense passes). Only the
+// anchors' lists are filled; the others stay empty.
 template <class Engine, typename T, typename OnTile>
 MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
                           const Anchors& anchors, int64_t row_chunk, int64_t col_chunk, const OnTile& on_tile) {

@@ -9,6 +9,8 @@
 //       + [m₂ + x − p]_+ + [m₂ + y − p]_+ + [m₂ + q − p]_+ + [m₂ + z − p]_+
 // An online term whose anchor has no valid negative is 0, with no gradient through its
 // weight; the offline terms always count.
+#include <cstdint>
+
 #include "common/engine.h"
 
 namespace vse {
@@ -66,5 +68,29 @@ VSE_HOST_DEVICE T quintuplet_term(const QuintupletOptions<T>& o, T p, T u, bool 
   }
   return online + offline;
 }
+
+// The per-anchor pass of quintuplet_forward (Engine::for_each_anchor): terms[i] = L_i and
+// grads row i, from the k = 1 mined lists (value and index, −1: no valid negative) and the
+// offline dots.
+template <typename T>
+struct QuintupletAnchors {
+  QuintupletOptions<T> options;
+  const T* p;
+  const T* u;
+  const int64_t* c;
+  const T* w;
+  const int64_t* r;
+  const T* x;
+  const T* y;
+  const T* q;
+  const T* z;
+  T* grads;  // [N, kQuintupletScores]
+  T* terms;  // [N]
+
+  VSE_HOST_DEVICE void operator()(int64_t i) const {
+    terms[i] = quintuplet_term(options, p[i], u[i], c[i] >= 0, w[i], r[i] >= 0, x[i], y[i], q[i], z[i],
+                               grads + kQuintupletScores * i);
+  }
+};
 
 }  // namespace vse

@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <tuple>
 #include <vector>
 
 #include "common/engine.h"
@@ -52,11 +51,21 @@ void for_each_column_block(int64_t rows, int64_t cols, const Fn& fn) {
   });
 }
 
+// Anchors per task of for_each_anchor: a per-anchor functor does O(1) to O(log N) work.
+constexpr int64_t kAnchorGrain = 2048;
+
 // The per-tile passes of common/engine_host.h on CPU tensors.
 struct Engine {
   struct Guard {
     explicit Guard(const at::Tensor&) {}
   };
+
+  template <typename Fn>
+  static void for_each_anchor(int64_t n, const Fn& fn) {
+    at::parallel_for(0, n, kAnchorGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) fn(i);
+    });
+  }
 
   template <typename T, typename Policy>
   struct Dense {
@@ -232,67 +241,5 @@ struct Engine {
     }
   };
 };
-
-// ------------------------------------------------- the CPU-only mined losses (quintuplet, GOAL)
-
-// A per-anchor reduction that mine_negatives folds every valid negative into, in the same
-// sweep as its lists (e.g. GOAL's relative-similarity sets, common/goal.h):
-//   State                     an anchor's running state
-//   kActive                   false compiles the reduction out (NoReduction)
-//   add(state, S_ij)          folds in one valid negative
-// Like the dense policies' states, each row's and column's state sees its entries in
-// increasing index, so the result does not depend on the tiling or the thread count.
-struct NoReduction {
-  struct State {};
-  static constexpr bool kActive = false;
-  template <typename T>
-  void add(State& /*state*/, T /*score*/) const {}
-};
-
-// The mined lists of common/engine_host.h on CPU, with a reduction folded into each tile's
-// sweep; row_state / col_state are host arrays of N states.
-template <typename T, typename Reduction = NoReduction>
-MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, int64_t k,
-                          const Anchors& anchors, int64_t row_chunk, int64_t col_chunk, const Reduction& reduction = {},
-                          typename Reduction::State* row_state = nullptr,
-                          typename Reduction::State* col_state = nullptr) {
-  using State = typename Reduction::State;
-  return vse::mine_negatives<Engine, T>(a, b, labels, k, anchors, row_chunk, col_chunk,
-                                        [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
-    if constexpr (Reduction::kActive) {
-      const T* scores = tile.data_ptr<T>();
-      const int64_t rows = tile.size(0), cols = tile.size(1);
-      if (directions & kRowAnchors) for_each_row(rows, cols, [&](int64_t r) {
-        const int64_t i = r0 + r;
-        const T* row = scores + r * cols;
-        State state = row_state[i];
-        for (int64_t j = 0; j < cols; ++j) {
-          if (is_negative(labels, i, c0 + j)) reduction.add(state, row[j]);
-        }
-        row_state[i] = state;
-      });
-      if (directions & kColumnAnchors) for_each_column_block(rows, cols, [&](int64_t j0, int64_t j1) {
-        const int64_t width = j1 - j0;
-        State state[kColumnBlock];
-        std::copy_n(col_state + c0 + j0, width, state);
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* row = scores + r * cols + j0;
-          for (int64_t u = 0; u < width; ++u) {
-            if (is_negative(labels, c0 + j0 + u, r0 + r)) reduction.add(state[u], row[u]);
-          }
-        }
-        std::copy_n(state, width, col_state + c0 + j0);
-      });
-    }
-  });
-}
-
-// common/engine_host.h's sparse_backward on CPU.
-inline std::tuple<at::Tensor, at::Tensor> sparse_backward(const at::Tensor& grad, const at::Tensor& a,
-                                                          const at::Tensor& b, const at::Tensor& row_index,
-                                                          const at::Tensor& row_weight, const at::Tensor& col_index,
-                                                          const at::Tensor& col_weight, const at::Tensor& diagonal) {
-  return vse::sparse_backward<Engine>(grad, a, b, row_index, row_weight, col_index, col_weight, diagonal);
-}
 
 }  // namespace vse::cpu

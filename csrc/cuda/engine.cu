@@ -2,6 +2,7 @@
 // cuda/engine.cuh and cuda/topk.cuh), instantiated for the (T, Policy) pairs of the ops.
 #include "cuda/engine.h"
 
+#include "common/goal.h"
 #include "common/triplet.h"
 #include "common/unified.h"
 #include "cuda/engine.cuh"
@@ -134,5 +135,17 @@ template struct Engine::Dense<float, UnifiedPolicy<float>>;
 template struct Engine::Dense<double, UnifiedPolicy<double>>;
 template struct Engine::Mined<float>;
 template struct Engine::Mined<double>;
+
+// GOAL's negative sets use only the sweeps of the dense passes (common/goal.h).
+#define VSE_INSTANTIATE_SWEEPS(T)                                                                                     \
+  template void Engine::Dense<T, NegativeSetPolicy<T>>::rows(const NegativeSetPolicy<T>&, const at::Tensor&, int64_t, \
+                                                             int64_t, const int64_t*, const at::Tensor&,              \
+                                                             const at::Tensor&);                                      \
+  template void Engine::Dense<T, NegativeSetPolicy<T>>::columns(const NegativeSetPolicy<T>&, const at::Tensor&,       \
+                                                                int64_t, int64_t, const int64_t*, const at::Tensor&,  \
+                                                                const at::Tensor&);
+VSE_INSTANTIATE_SWEEPS(float)
+VSE_INSTANTIATE_SWEEPS(double)
+#undef VSE_INSTANTIATE_SWEEPS
 
 }  // namespace vse::cuda

@@ -1,8 +1,9 @@
 #pragma once
 // The CUDA backend of the chunked loss engine (common/engine_host.h): the per-tile passes as
 // kernel launches on the current stream. Launchers in cuda/engine.cu, instantiated there for
-// every (T, Policy) the ops use; kernels in cuda/engine.cuh. Compiled by nvcc for the GPU and
-// by g++ for the SIMT executor (cuda/launch.h).
+// every (T, Policy) the ops use; kernels in cuda/engine.cuh; for_each_anchor in
+// cuda/anchors.cuh. Compiled by nvcc for the GPU and by g++ for the SIMT executor
+// (cuda/launch.h).
 #include <ATen/ATen.h>
 
 #include "common/engine_host.h"
@@ -12,6 +13,11 @@ namespace vse::cuda {
 
 struct Engine {
   using Guard = DeviceGuard;
+
+  // A thread per anchor on the current stream. A template over the functor, so it is defined
+  // in cuda/anchors.cuh, which every .cu that runs a per-anchor pass includes.
+  template <typename Fn>
+  static void for_each_anchor(int64_t n, const Fn& fn);
 
   template <typename T, typename Policy>
   struct Dense {
