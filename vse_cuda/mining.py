@@ -261,17 +261,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m vse_cuda.mining",
         description="AOQ offline candidates: each image's hardest foreign captions (i2t) and each "
-                    "caption's hardest foreign images (t2i), from precomputed embeddings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "caption's hardest foreign images (t2i), from precomputed embeddings.")
     parser.add_argument("emb_dir", type=Path, metavar="EMB_DIR",
                         help="holds images.npy [I, D], captions.npy [C, D], optional cap_to_img.npy [C]")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="where i2t.npy, t2i.npy, meta.json go")
-    parser.add_argument("--k-i2t", type=int, default=2000, help="captions kept per image")
-    parser.add_argument("--k-t2i", type=int, default=400, help="images kept per caption")
-    parser.add_argument("--chunk-size", type=int, default=None, help="query rows per tile (default: automatic)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--k-i2t", type=int, default=2000, help="captions kept per image (default 2000)")
+    parser.add_argument("--k-t2i", type=int, default=400, help="images kept per caption (default 400)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="query rows per tile (default from the memory budget)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to compute (default cpu)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                        help="dtype the similarities are computed from (float16 accumulates in float32)")
+                        help="dtype of the embeddings on the device (default float32; float16 accumulates in float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
