@@ -130,6 +130,47 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def machine_info(threads: int, packages: tuple[str, ...] = ()) -> dict[str, str]:
+    """CPU model, cores, memory, threads used, torch (and its BLAS), Python, the installed
+    version of each named distribution in ``packages`` and the UTC date, for a results table."""
+    import datetime
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": str(os.cpu_count()), "threads": str(threads),
+            "memory": f"{os.sysconf('SC_PHYS_PAGES') * _PAGE / 2**30:.1f} GiB",
+            "torch": f"{torch.__version__} ({'MKL' if torch.backends.mkl.is_available() else 'non-MKL BLAS'})",
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    for name in packages:
+        try:
+            info[name] = version(name)
+        except PackageNotFoundError:  # the cases that need it report their own error
+            info[name] = "not installed"
+    return info
+
+
+def shared_machine_note(loads: list[float | None], threads: int) -> list[str]:
+    """Markdown lines warning that other processes shared the CPU, when the 1-minute load
+    average before some case exceeded what this benchmark's own threads explain."""
+    busiest = max((load for load in loads if load is not None), default=0.0)
+    if busiest <= threads + 1:
+        return []
+    return ["", f"**Shared machine:** the load average reached {busiest:.1f} before a case "
+            f"(this benchmark alone accounts for about {threads}), so other processes competed for "
+            "the cores: wall-clock seconds and their ratios are inflated unevenly; CPU s is less affected."]
+
+
 class _PeakRSS:
     """Peak resident memory of this process during a ``with`` block, minus RSS at its start."""
 

@@ -19,6 +19,7 @@ __all__ = [
     "backends",
     "distributed",
     "goal_loss",
+    "mining",
     "quintuplet_loss",
     "similarity",
     "topk_similar",
@@ -27,3 +28,14 @@ __all__ = [
     "use_backend",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `vse_cuda.mining` is loaded on first use: `import vse_cuda` stays as fast as before, and
+    # `python -m vse_cuda.mining` does not find the module already imported by the package
+    # (runpy warns when it does).
+    if name == "mining":
+        import importlib
+
+        return importlib.import_module(".mining", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
