@@ -102,10 +102,9 @@ class SyntheticConfig:
     Each image has a latent vector: a weighted mix of ``concepts_per_image`` shared concepts
     plus an image-specific part. Image features and caption features are two different
     random linear views of that latent, each buried under its own high-variance nuisance
-    directions and noise, so an encoder must learn which directions carry meaning. About
-    30% of each split's images are near-duplicates of another image (latent plus a little noise):
-    their captions are the hardest negatives, which is what in-batch hard-negative mining is
-    for.
+    directions and noise, so an encoder must learn which directions carry meaning. About 30%
+    of each split's images are near-duplicates of another image (latent plus a little noise):
+    their captions are the hardest negatives, which is what in-batch hard-negative mining is for.
     """
 
     seed: int = 0
