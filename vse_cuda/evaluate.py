@@ -145,9 +145,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             config.data = str(args.data)
         dataset = train.load_data(config, vocab=ckpt.get("vocab"))
         model = train.make_model(config, dataset)
-        model.load_state_dict(ckpt["model"])
     except (CheckpointError, DataError, ValueError, TypeError) as err:
         sys.exit(f"python -m vse_cuda.evaluate: error: {err}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:  # e.g. --data holds features of another width
+        sys.exit(f"python -m vse_cuda.evaluate: error: {args.checkpoint}'s model does not fit the data: {err}")
     split = dataset.split(args.split)
     img, cap = embed_split(model, split, autocast=config.precision == "bf16")
     table = recall_table(img, cap)

@@ -274,7 +274,10 @@ class Trainer:
     def _restore(self, ckpt: dict[str, Any]) -> RunState:
         state = RunState(ckpt["round"], ckpt["epoch"], list(ckpt["history"]), ckpt["best_rsum"])
         self._new_round(state.round)
-        self.model.load_state_dict(ckpt["model"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:  # same options, but the data's feature widths changed
+            raise CheckpointError(f"{self.run_dir / CHECKPOINT} does not fit the data: {err}") from err
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
