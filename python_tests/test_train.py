@@ -38,7 +38,7 @@ def train_run(run_dir: Path, *extra: str, epochs: int = 4) -> tuple[dict, str]:
 
 def untrained_rsum(*extra: str) -> float:
     """Test rsum of the model a run starts from (same seed, same init)."""
-    config, args = train.parse_args([*TINY, *extra])
+    config, _, _ = train.parse_args([*TINY, *extra])
     trainer = train.Trainer(config, Path("unused"), progress=False)
     trainer.start(resume=False, overwrite=True)
     return evaluate.recall_at_k(*evaluate.embed_split(trainer.model, trainer.dataset.test))["rsum"]
@@ -87,8 +87,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_run(part, epochs=3)
     monkeypatch.setattr(train.Trainer, "_epoch", real_epoch)
-    table_part, out = train_run(part, "--resume", epochs=3)
-    assert "epoch 3/3" in out and "epoch 2/3" not in out
+    # Resuming needs no options but the run dir: the others come from the checkpoint.
+    out = io.StringIO()
+    table_part = train.run(["--run-dir", str(part), "--resume", "--epochs", "3", "--no-progress"], out=out)
+    assert "epoch 3/3" in out.getvalue() and "epoch 2/3" not in out.getvalue()
 
     a = _checkpoint.load_checkpoint(whole / train.CHECKPOINT)
     b = _checkpoint.load_checkpoint(part / train.CHECKPOINT)

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", type=Path, default=Path("runs/vse"), help="where checkpoints, log and plot go")
-    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR/checkpoint.pt; options not given are the checkpoint's")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     g = p.add_argument_group("data")
@@ -153,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
-    """The run's Config and the run options (run dir, resume, ...); range errors exit via argparse."""
+def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace, set[str]]:
+    """The run's Config, the run options (run dir, resume, ...) and the names of the Config
+    fields given on the command line; range errors exit via argparse."""
     parser = build_parser()
     args = parser.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -163,7 +165,15 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         check_config(config)
     except ValueError as err:
         parser.error(str(err))
-    return config, args
+    return config, args, _given_options(argv) & fields
+
+
+def _given_options(argv: list[str] | None) -> set[str]:
+    """Destinations set explicitly in ``argv``: a parser without defaults leaves the others out."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def check_config(c: Config) -> None:
@@ -244,19 +254,26 @@ class Trainer:
 
     # --- setup
 
-    def start(self, *, resume: bool, overwrite: bool) -> RunState:
-        """Validate inputs (data, checkpoint) and set up the model; nothing is written yet."""
-        c = self.config
-        if c.threads:
-            torch.set_num_threads(c.threads)
+    def start(self, *, resume: bool, overwrite: bool, given: set[str] | None = None) -> RunState:
+        """Validate inputs (data, checkpoint) and set up the model; nothing is written yet.
+
+        On ``resume``, Config fields not in ``given`` (all fields when None) come from the
+        checkpoint; given ones must equal the checkpoint's, except ``RESUMABLE_CHANGES``.
+        """
         ckpt = None
         path = self.run_dir / CHECKPOINT
         if resume:
             ckpt = load_checkpoint(path)
-            _check_same_config(path, ckpt["config"], asdict(c))
+            saved = ckpt["config"]
+            if given is not None:
+                current = asdict(self.config)
+                self.config = Config(**{**current, **{k: saved[k] for k in saved if k not in given}})
+            _check_same_config(path, saved, asdict(self.config))
         elif path.exists() and not overwrite:
             raise CheckpointError(f"{path} exists: pass --resume to continue it or --overwrite to start afresh")
-        self.dataset = load_data(c, vocab=None if ckpt is None else ckpt.get("vocab"))
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.dataset = load_data(self.config, vocab=None if ckpt is None else ckpt.get("vocab"))
         state = RunState()
         if ckpt is None:
             self._new_round(state.round)
@@ -491,9 +508,9 @@ def write_plot(history: list[dict[str, Any]], path: Path) -> None:
 
 def run(argv: list[str] | None = None, *, out=None) -> dict[str, dict[str, float]]:
     """Parse ``argv``, train, evaluate; returns the test recall table. Raises on bad input."""
-    config, args = parse_args(argv)
+    config, args, given = parse_args(argv)
     trainer = Trainer(config, args.run_dir, progress=not args.no_progress, out=out)
-    state = trainer.start(resume=args.resume, overwrite=args.overwrite)
+    state = trainer.start(resume=args.resume, overwrite=args.overwrite, given=given)
     return trainer.run(state)
 
 
