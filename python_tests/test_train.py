@@ -143,6 +143,7 @@ def test_raw_captions_with_a_gru(tmp_path):
     (["--loss", "contrastive"], "invalid choice: 'contrastive'"),
     (["--no-such-option"], "unrecognized arguments"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
     (["--loss", "unified", "--scale", "-1"], "scale must be > 0"),
     (["--splits", "train,test"], "three splits"),
 ])

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import losses
 from ._checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .data import CAPTIONS_PER_IMAGE, Dataset, DataError, SyntheticConfig, Split, epoch_order, load_vse_dataset, \
+from .data import CAPTIONS_PER_IMAGE, Dataset, DataError, SyntheticConfig, epoch_order, load_vse_dataset, \
     synthetic_dataset
 from .evaluate import METRICS, embed_split, format_table, recall_at_k, recall_table
 from .models import DualEncoder, build_model
@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed, help="seed of data order, init and the synthetic data")
     g = p.add_argument_group("model")
     g.add_argument("--embed-dim", type=int, default=d.embed_dim, help="joint embedding width")
-    g.add_argument("--head-hidden", type=int, default=d.head_hidden, help="MLP width beside the linear head (0: linear)")
+    g.add_argument("--head-hidden", type=int, default=d.head_hidden,
+                   help="MLP width beside the linear head (0: linear)")
     g.add_argument("--word-dim", type=int, default=d.word_dim, help="word embedding width (raw captions)")
     return p
 
@@ -178,12 +179,12 @@ def _given_options(argv: list[str] | None) -> set[str]:
 
 def check_config(c: Config) -> None:
     """Ranges of every numeric option and the loss keywords (the loss modules check the rest)."""
-    positive = ("batch_size", "lr_update", "embed_dim", "word_dim", "topk", "aoq_k_i2t", "aoq_k_t2i", "aoq_pool",
-                "min_word_count", "synthetic_train", "synthetic_dev", "synthetic_test")
+    positive = ("epochs", "batch_size", "lr_update", "embed_dim", "word_dim", "topk", "aoq_k_i2t", "aoq_k_t2i",
+                "aoq_pool", "min_word_count", "synthetic_train", "synthetic_dev", "synthetic_test")
     for name in positive:
         if getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-    for name in ("epochs", "warmup_epochs", "head_hidden", "threads"):
+    for name in ("warmup_epochs", "head_hidden", "threads"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     if not (c.lr > 0 and c.lr_decay > 0 and c.grad_clip >= 0):
