@@ -497,10 +497,12 @@ def write_plot(history: list[dict[str, Any]], path: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="mean training loss per step", yscale="log", title="loss")
     ax_rsum.plot(x, [r["dev_rsum"] for r in history], marker="o", color="tab:green")
     ax_rsum.set(xlabel="epoch", ylabel="rsum (dev)", title="dev rsum (max 600)")
+    switches = [i + 0.5 for i in range(1, len(history)) if history[i]["loss"] != history[i - 1]["loss"]]
     for ax in (ax_loss, ax_rsum):
-        for i in range(1, len(history)):
-            if history[i]["loss"] != history[i - 1]["loss"]:  # warm-up end, AOQ round two
-                ax.axvline(i + 0.5, color="grey", linestyle=":")
+        for i, x_switch in enumerate(switches):  # warm-up end, AOQ round two
+            ax.axvline(x_switch, color="grey", linestyle=":", label="loss changes" if i == 0 else None)
+        if switches:
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
