@@ -165,6 +165,23 @@ def test_bad_data_fails_before_any_step(tmp_path):
         train.main([*TINY, "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "data")])
 
 
+def test_aoq_pool_beyond_the_mined_lists_fails_before_training(tmp_path):
+    with pytest.raises(train.ConfigError, match="--aoq-pool 300 needs 300 mined captions per image and 60 images "
+                                                "per caption, but this run mines 100 and 20"):
+        train.run([*TINY, "--run-dir", str(tmp_path), "--loss", "quintuplet", "--aoq-k-i2t", "100",
+                   "--aoq-k-t2i", "20"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_aoq_without_the_mining_module_fails_before_training(tmp_path, monkeypatch):
+    real_find_spec = train.importlib.util.find_spec
+    monkeypatch.setattr(train.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vse_cuda.mining" else real_find_spec(name, *a))
+    with pytest.raises(train.ConfigError, match="needs vse_cuda.mining"):
+        train.run([*TINY, "--run-dir", str(tmp_path), "--loss", "quintuplet", "--aoq-pool", "30"])
+    assert not any(tmp_path.iterdir())
+
+
 def test_checkpoints_are_protected(tmp_path, monkeypatch):
     train_run(tmp_path, epochs=1)
     path = tmp_path / train.CHECKPOINT
@@ -220,5 +237,5 @@ def test_aoq_two_rounds(tmp_path):
          (2, "quintuplet"), (2, "quintuplet"), (2, "quintuplet")]
     assert "AOQ: mined 100 captions per image and 20 images per caption" in out
     assert table[f"{TEST_IMAGES} images"]["rsum"] > 4 * evaluate.chance_rsum(TEST_IMAGES), out
-    ckpt = _checkpoint.load_checkpoint(tmp_path / train.CANDIDATES)
+    ckpt = _checkpoint.load_checkpoint(tmp_path / train.CANDIDATES, required=("i2t", "t2i"))
     assert ckpt["i2t"].shape == (300, 100) and ckpt["t2i"].shape == (1500, 20)

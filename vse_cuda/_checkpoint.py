@@ -48,8 +48,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and check a checkpoint (``weights_only``: no code runs from the file).
+def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, Any]:
+    """Load and check a checkpoint holding the ``required`` keys (``weights_only``: no code
+    runs from the file).
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or not written by this harness.
@@ -63,7 +64,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a vse_cuda.train checkpoint (format {FORMAT!r} expected)")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+    missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     return state

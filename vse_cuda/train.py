@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.util
 import io
 import resource
 import sys
@@ -41,6 +42,10 @@ CHECKPOINT, BEST, LOG, PLOT, RESULTS = "checkpoint.pt", "model_best.pt", "log.cs
 CANDIDATES = "aoq_candidates.pt"
 LOG_FIELDS = ("round", "epoch", "loss", "lr", "train_loss", "steps", "seconds", "ms_per_step", "peak_rss_mib",
               *(f"dev_{m}" for m in METRICS))
+
+
+class ConfigError(ValueError):
+    """Options that cannot work with this data (found before any training step)."""
 
 
 class TrainingError(RuntimeError):
@@ -275,6 +280,8 @@ class Trainer:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.dataset = load_data(self.config, vocab=None if ckpt is None else ckpt.get("vocab"))
+        if self.config.loss == "quintuplet":
+            self._check_aoq()
         state = RunState()
         if ckpt is None:
             self._new_round(state.round)
@@ -402,17 +409,33 @@ class Trainer:
         self.model.load_state_dict(best["model"])
         img, cap = embed_split(self.model, split, autocast=c.precision == "bf16")
         cap_to_img = torch.arange(split.num_images).repeat_interleave(CAPTIONS_PER_IMAGE)
-        k_i2t = min(c.aoq_k_i2t, split.num_captions - CAPTIONS_PER_IMAGE)
-        k_t2i = min(c.aoq_k_t2i, split.num_images - 1)
+        k_i2t, k_t2i = self._aoq_k()
         i2t, t2i = mining.offline_candidates(img, cap, cap_to_img, k_i2t=k_i2t, k_t2i=k_t2i, progress=self.progress)
-        save_checkpoint({"config": asdict(c), "model": {}, "epoch": 0, "i2t": i2t, "t2i": t2i},
-                        self.run_dir / CANDIDATES)
+        save_checkpoint({"config": asdict(c), "i2t": i2t, "t2i": t2i}, self.run_dir / CANDIDATES)
         self.candidates = (i2t, t2i)
         print(f"AOQ: mined {k_i2t} captions per image and {k_t2i} images per caption with the round-1 model "
               f"(epoch {best['epoch']}) -> {self.run_dir / CANDIDATES}", file=self.out)
 
+    def _aoq_k(self) -> tuple[int, int]:
+        """Mined captions per image and images per caption: the options, capped by the train split."""
+        split = self.dataset.train
+        return (min(self.config.aoq_k_i2t, split.num_captions - CAPTIONS_PER_IMAGE),
+                min(self.config.aoq_k_t2i, split.num_images - 1))
+
+    def _check_aoq(self) -> None:
+        """What round two needs, checked now rather than after round one: lists long enough for
+        its draw (rank n < pool of the captions, n // 5 of the images), and the mining module."""
+        pool, (k_i2t, k_t2i) = self.config.aoq_pool, self._aoq_k()
+        if pool > k_i2t or (pool - 1) // CAPTIONS_PER_IMAGE >= k_t2i:
+            raise ConfigError(f"--aoq-pool {pool} needs {pool} mined captions per image and "
+                              f"{(pool - 1) // CAPTIONS_PER_IMAGE + 1} images per caption, but this run mines "
+                              f"{k_i2t} and {k_t2i} (--aoq-k-i2t, --aoq-k-t2i, capped by the train split)")
+        if importlib.util.find_spec("vse_cuda.mining") is None:
+            raise ConfigError("--loss quintuplet needs vse_cuda.mining (offline candidates), which this "
+                              "installation lacks")
+
     def _load_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ckpt = load_checkpoint(self.run_dir / CANDIDATES)
+        ckpt = load_checkpoint(self.run_dir / CANDIDATES, required=("config", "i2t", "t2i"))
         return ckpt["i2t"], ckpt["t2i"]
 
     # --- outputs
@@ -521,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """CLI entry: like :func:`run`, but bad input ends the process with a one-line message."""
     try:
         return run(argv)
-    except (CheckpointError, DataError, TrainingError) as err:
+    except (CheckpointError, ConfigError, DataError, TrainingError) as err:
         sys.exit(f"python -m vse_cuda.train: error: {err}")
 
 
