@@ -135,6 +135,6 @@ setup(
     + ([] if os.environ.get("VSE_SIMT", "1") == "0" else [CMakeExtension("vse_cuda._simt")]),
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    install_requires=["torch==2.14.1", "numpy", "tqdm"],
+    install_requires=["torch==2.14.1", "numpy", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "faiss-cpu"]},
 )
