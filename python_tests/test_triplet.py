@@ -334,6 +334,32 @@ def test_memory_stays_within_chunks():
     assert extra_mib < 60, f"triplet_loss used {extra_mib:.0f} MiB extra; S alone would need 137 MiB"
 
 
+@pytest.mark.slow
+def test_no_n_by_n_allocation_at_n_60000():
+    # N = M = 60000: one N×N float32 S is 13.4 GiB. Forward + backward run in a process whose
+    # address space is capped at 8 GiB (torch itself maps about 3 GiB), so a single N×N buffer
+    # anywhere in the loss path would fail to allocate. Hardest mining: one GEMM sweep (the
+    # dense losses share the same tiles, only slower).
+    script = textwrap.dedent("""
+        import resource, torch, vse_cuda
+        limit = 8 << 30
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            torch.empty(60000, 60000)
+            raise SystemExit("the cap does not refuse an N x N matrix")
+        except RuntimeError:
+            pass
+        img = torch.randn(60000, 8, requires_grad=True)
+        txt = torch.randn(60000, 8, requires_grad=True)
+        vse_cuda.triplet_loss(img, txt).backward()
+        print(bool(img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"
+
+
 def _call(**overrides):
     g = torch.Generator().manual_seed(0)
     args = dict(img=torch.randn(4, 5, generator=g), txt=torch.randn(4, 5, generator=g))
