@@ -4,12 +4,13 @@ the ranks' summed losses and their parameters follow the single process step by 
 AOQ run stopped in round two resumes under torchrun and ends where one process resuming from
 the same checkpoint ends.
 
-Tolerance (float32): the ranks encode 25 or 24 rows instead of 49 (other matmul blockings) and
-the gradient is summed in another order, so every step's gradient differs from the single
-process's by float32 rounding. Adam divides each element's step by its own gradient scale, so
-the difference shows in absolute terms, bounded by a fraction of the step size: measured at
-most ~5e-7 on weights of size ~0.1 after 96 steps of lr 2e-3. atol 1e-5 (lr / 200) with rtol
-1e-4 still fails on any real difference: one wrong step (a missing gradient all-reduce, another
+Tolerance (float32): each weight gradient is summed over a rank's 25 or 24 rows, then over
+the ranks, instead of over 49 rows at once, so every step's gradient differs from the single
+process's by float32 rounding (bf16 autocast would round each rank's sum to bf16: ~4e-3, hence
+--precision fp32). Adam divides each element's step by its own gradient scale, so the
+difference shows in absolute terms, bounded by a fraction of the step size: measured at most
+~5e-7 on weights of size ~0.1 after 96 steps of lr 2e-3. atol 1e-5 (lr / 200) with rtol 1e-4
+still fails on any real difference: one wrong step (a missing gradient all-reduce, another
 shard or offline draw) moves elements by about lr.
 """
 

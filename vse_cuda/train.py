@@ -18,11 +18,12 @@ batch with fewer pairs than ranks is computed by rank 0 alone (the losses refuse
 without pairs). The ranks' losses sum to the single-process loss and their parameter gradients
 are partial sums of its gradient: one all-reduce (SUM) of all gradients, flattened in
 parameter order, precedes clipping and the Adam step, so every rank takes the step one process
-would take on the whole batch (up to float rounding: the encoders see smaller batches and the
-gradient is summed in another order) and all ranks hold bitwise identical parameters. The
-logged loss is the sum over ranks. Rank 0 alone evaluates (the others wait for its result),
-mines AOQ candidates (sent to the others), prints and writes the run directory, which every
-rank must see: ``--resume`` loads the same checkpoint on every rank.
+would take on the whole batch (up to rounding: the gradient is summed in another order, and
+under bf16 autocast each rank's weight gradient is rounded to bf16 before the sum) and all
+ranks hold bitwise identical parameters. The logged loss is the sum over ranks. Rank 0 alone
+evaluates (the others wait for its result), mines AOQ candidates (sent to the others), prints
+and writes the run directory, which every rank must see: ``--resume`` loads the same
+checkpoint on every rank.
 """
 
 from __future__ import annotations
