@@ -8,6 +8,22 @@ rsum), ``log.csv``, ``curves.png`` and ``results.md``.
 
 AOQ (``--loss quintuplet``) runs the official two rounds: VSE++ training, offline candidate
 mining with the round-one model (:mod:`vse_cuda.mining`), then AOQ training of a fresh model.
+
+Data parallel: ``torchrun --nproc_per_node=N -m vse_cuda.train [options]`` (WORLD_SIZE > 1)
+joins a gloo process group (the harness trains on CPU). ``--batch-size`` stays the *global*
+batch: every rank draws the same seeded epoch order (and, for AOQ, the same offline
+negatives), encodes its contiguous share of each global batch (sizes differ by at most one)
+and calls the loss with ``group=WORLD``, so negatives come from the whole global batch. A last
+batch with fewer pairs than ranks is computed by rank 0 alone (the losses refuse a rank
+without pairs). The ranks' losses sum to the single-process loss and their parameter gradients
+are partial sums of its gradient: one all-reduce (SUM) of all gradients, flattened in
+parameter order, precedes clipping and the Adam step, so every rank takes the step one process
+would take on the whole batch (up to rounding: the gradient is summed in another order, and
+under bf16 autocast each rank's weight gradient is rounded to bf16 before the sum) and all
+ranks hold bitwise identical parameters. The logged loss is the sum over ranks. Rank 0 alone
+evaluates (the others wait for its result), mines AOQ candidates (sent to the others), prints
+and writes the run directory, which every rank must see: ``--resume`` loads the same
+checkpoint on every rank.
 """
 
 from __future__ import annotations
@@ -17,14 +33,17 @@ import csv
 import dataclasses
 import importlib.util
 import io
+import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import losses
@@ -42,6 +61,7 @@ CHECKPOINT, BEST, LOG, PLOT, RESULTS = "checkpoint.pt", "model_best.pt", "log.cs
 CANDIDATES = "aoq_candidates.pt"
 LOG_FIELDS = ("round", "epoch", "loss", "lr", "train_loss", "steps", "seconds", "ms_per_step", "peak_rss_mib",
               *(f"dev_{m}" for m in METRICS))
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -201,6 +221,48 @@ def check_config(c: Config) -> None:
     make_loss(c, warmup=True, round_=1)
 
 
+# ------------------------------------------------------------------------------ ranks
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run: rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def main(self) -> bool:
+        """The rank that evaluates, prints and writes the run directory."""
+        return self.rank == 0
+
+    def shard(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of a global batch (the first ``len % size`` ranks get one
+        more; rank order is the gather's order, so the ranks' shards concatenate to the batch)."""
+        return ids.tensor_split(self.size)[self.rank]
+
+
+def current_world() -> World:
+    """The default process group's World when it spans several processes, else a single one."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return World(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    return World()
+
+
+@contextmanager
+def process_group() -> Iterator[World]:
+    """Under torchrun with WORLD_SIZE > 1, a gloo process group for the block's duration (gloo:
+    the harness trains on CPU, where nccl cannot run); otherwise the current World as it is."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if launched:
+        dist.init_process_group("gloo")
+    try:
+        yield current_world()
+    finally:
+        if launched:
+            dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------- data, model, loss
 
 def load_data(config: Config, vocab: list[str] | None = None) -> Dataset:
@@ -218,22 +280,23 @@ def make_model(config: Config, dataset: Dataset) -> DualEncoder:
                        embed_dim=config.embed_dim, head_hidden=config.head_hidden, word_dim=config.word_dim)
 
 
-def make_loss(config: Config, *, warmup: bool, round_: int) -> nn.Module:
-    """The loss of an epoch: VSE0 during warm-up, VSE++ in AOQ's first round, else ``--loss``."""
+def make_loss(config: Config, *, warmup: bool, round_: int, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """The loss of an epoch: VSE0 during warm-up, VSE++ in AOQ's first round, else ``--loss``;
+    with ``group``, negatives come from every rank's shard."""
     c = config
     if warmup:
-        return losses.TripletLoss(margin=c.margin, mining="all")
+        return losses.TripletLoss(margin=c.margin, mining="all", group=group)
     if c.loss == "triplet":
-        return losses.TripletLoss(margin=c.margin, mining=c.mining, k=c.topk)
+        return losses.TripletLoss(margin=c.margin, mining=c.mining, k=c.topk, group=group)
     if c.loss == "unified":
-        return losses.UnifiedLoss(scale=c.scale, margin=c.margin)
+        return losses.UnifiedLoss(scale=c.scale, margin=c.margin, group=group)
     if c.loss == "goal":
         return losses.GoalLoss(triplet_weight=c.triplet_weight, pair_weight=c.pair_weight, tau=c.tau, a=c.goal_a,
-                               b=c.goal_b, lam=c.goal_lam)
+                               b=c.goal_b, lam=c.goal_lam, group=group)
     if round_ == 1:
-        return losses.TripletLoss(margin=c.margin, mining="hardest")
+        return losses.TripletLoss(margin=c.margin, mining="hardest", group=group)
     return losses.QuintupletLoss(margin_online=c.margin, margin_offline=c.margin_offline, alpha=c.alpha, beta=c.beta,
-                                 detach_weights=c.detach_weights)
+                                 detach_weights=c.detach_weights, group=group)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -250,10 +313,13 @@ class RunState:
 
 
 class Trainer:
-    """One run: builds everything from a Config, trains round by round, writes the run dir."""
+    """One run: builds everything from a Config, trains round by round, writes the run dir.
+    Under torchrun one Trainer per rank (``world``: the current process group's by default)."""
 
-    def __init__(self, config: Config, run_dir: Path, *, progress: bool = True, out=None):
-        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+    def __init__(self, config: Config, run_dir: Path, *, progress: bool = True, out=None, world: World | None = None):
+        self.config, self.run_dir = config, Path(run_dir)
+        self.world = world or current_world()
+        self.progress = progress and self.world.main
         self.out = out or sys.stdout
         self.dataset: Dataset | None = None
         self.candidates: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -295,6 +361,14 @@ class Trainer:
         self.model = make_model(self.config, self.dataset)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, self.config.lr_update, self.config.lr_decay)
+        self._broadcast_model()
+
+    def _broadcast_model(self) -> None:
+        """Rank 0's initial weights on every rank (as DDP does): the init is seeded by the config
+        alone, and this keeps it so should a module ever draw rank-dependent numbers."""
+        if self.world.size > 1:
+            for tensor in self.model.state_dict().values():
+                dist.broadcast(tensor, src=0, group=self.world.group)
 
     def _restore(self, ckpt: dict[str, Any]) -> RunState:
         state = RunState(ckpt["round"], ckpt["epoch"], list(ckpt["history"]), ckpt["best_rsum"])
@@ -315,8 +389,11 @@ class Trainer:
     def run(self, state: RunState) -> dict[str, dict[str, float]]:
         """Train the remaining epochs of every round, then evaluate the best model on test."""
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"data: {self.dataset.description}", file=self.out)
+        if self.world.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._say(f"data: {self.dataset.description}")
+        if self.world.size > 1:
+            self._say(f"data parallel: {self.world.size} ranks share each global batch of {c.batch_size} pairs")
         while True:
             while state.epoch < c.epochs:
                 self._epoch(state)
@@ -330,8 +407,12 @@ class Trainer:
     def _epoch(self, state: RunState) -> None:
         c, split = self.config, self.dataset.train
         warmup = state.round == 1 and state.epoch < c.warmup_epochs
-        loss_fn = make_loss(c, warmup=warmup, round_=state.round)
+        loss_fn = make_loss(c, warmup=warmup, round_=state.round, group=self.world.group)
+        # The losses refuse a rank without pairs, so a batch with fewer pairs than ranks (a short
+        # last batch) is computed whole by rank 0, without a group.
+        short_fn = make_loss(c, warmup=warmup, round_=state.round)
         loss_name = "triplet-all (warm-up)" if warmup else _loss_name(c, state.round)
+        # The same order and generator on every rank: each takes its shard of the same global batches.
         order = epoch_order(split.num_captions, c.seed * 10 + state.round, state.epoch)
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + state.round * 7919 + state.epoch)
         batches = list(order.split(c.batch_size))
@@ -339,19 +420,22 @@ class Trainer:
         self.model.train()
         start, total = time.perf_counter(), 0.0
         for step, captions in enumerate(self._progress(batches, state)):
-            total += self._step(captions, loss_fn, gen, state, step)
+            total += self._step(captions, loss_fn if len(captions) >= self.world.size else short_fn, gen, state, step)
         seconds = time.perf_counter() - start
         self.scheduler.step()
         state.epoch += 1
-        dev = recall_at_k(*embed_split(self.model, self.dataset.dev, autocast=c.precision == "bf16"))
-        row = {"round": state.round, "epoch": state.epoch, "loss": loss_name, "lr": lr,
-               "train_loss": total / len(batches), "steps": len(batches), "seconds": round(seconds, 3),
-               "ms_per_step": round(1e3 * seconds / len(batches), 3), "peak_rss_mib": _peak_rss_mib(),
-               **{f"dev_{m}": v for m, v in dev.items()}}
+        train = {"round": state.round, "epoch": state.epoch, "loss": loss_name, "lr": lr,
+                 "train_loss": total / len(batches), "steps": len(batches), "seconds": round(seconds, 3),
+                 "ms_per_step": round(1e3 * seconds / len(batches), 3), "peak_rss_mib": _peak_rss_mib()}
+        row = self._on_main(lambda: {**train, **self._dev_recall()})
         state.history.append(row)
-        self._save(state, dev["rsum"])
-        print(f"round {state.round} epoch {state.epoch}/{c.epochs} [{loss_name}] loss {row['train_loss']:.4f} "
-              f"dev rsum {dev['rsum']:.1f} ({seconds:.1f} s, {row['ms_per_step']:.1f} ms/step)", file=self.out)
+        self._save(state, row["dev_rsum"])
+        self._say(f"round {state.round} epoch {state.epoch}/{c.epochs} [{loss_name}] loss {row['train_loss']:.4f} "
+                  f"dev rsum {row['dev_rsum']:.1f} ({seconds:.1f} s, {row['ms_per_step']:.1f} ms/step)")
+
+    def _dev_recall(self) -> dict[str, float]:
+        dev = recall_at_k(*embed_split(self.model, self.dataset.dev, autocast=self.config.precision == "bf16"))
+        return {f"dev_{m}": v for m, v in dev.items()}
 
     def _progress(self, batches: list[torch.Tensor], state: RunState):
         if not self.progress:
@@ -363,30 +447,66 @@ class Trainer:
 
     def _step(self, captions: torch.Tensor, loss_fn: nn.Module, gen: torch.Generator, state: RunState,
               step: int) -> float:
-        c, split = self.config, self.dataset.train
+        """One optimizer step on the global batch ``captions``; this rank computes its shard's
+        part of the loss. Returns the batch's loss (summed over the ranks)."""
+        c = self.config
         image_ids, caption_ids = [captions // CAPTIONS_PER_IMAGE], [captions]
         if isinstance(loss_fn, losses.QuintupletLoss):
+            # Drawn for the global batch on every rank, then sharded: the draw one process makes.
             image_ids, caption_ids = self._offline_batch(captions, gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.precision == "bf16"):
-            img = self.model.image(split.image_batch(torch.cat(image_ids)))
-            txt = self.model.text(*split.caption_batch(torch.cat(caption_ids)))
-        # One encoder pass over the batch and, for AOQ, its offline pairs; split back per role.
-        img, txt = img.split(captions.numel()), txt.split(captions.numel())
-        labels = captions // CAPTIONS_PER_IMAGE if c.mask_same_image else None
-        if len(img) == 1:
-            loss = loss_fn(img[0], txt[0], labels=labels)
-        else:  # (I, T), (Ĩ, T̃), (I′, T′)
-            loss = loss_fn(img[0], txt[0], img[1], txt[1], img[2], txt[2], labels=labels)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the loss is {loss.item()} at round {state.round} epoch {state.epoch + 1} step "
+        loss = self._shard_loss(loss_fn, image_ids, caption_ids)
+        total = self._sum_over_ranks(loss.detach())
+        if not torch.isfinite(total):  # the same sum on every rank: all of them stop here
+            raise TrainingError(f"the loss is {total.item()} at round {state.round} epoch {state.epoch + 1} step "
                                 f"{step + 1}; stopped before it reached a checkpoint, so "
                                 f"{self.run_dir / CHECKPOINT} still holds the last good epoch")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:  # not on a rank that sits out a short batch
+            loss.backward()
+        self._reduce_gradients()
         if c.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.optimizer.step()
-        return loss.item()
+        return total.item()
+
+    def _shard_loss(self, loss_fn: nn.Module, image_ids: list[torch.Tensor],
+                    caption_ids: list[torch.Tensor]) -> torch.Tensor:
+        """The loss terms of this rank's pairs against the negatives of the whole batch. Ids are
+        per role: (I, T), or for AOQ (I, T), (Ĩ, T̃), (I′, T′), each of the global batch's length."""
+        c, split, shard = self.config, self.dataset.train, self.world.shard
+        if loss_fn.group is None and self.world.size > 1:  # a short batch, whole on rank 0
+            if not self.world.main:
+                return torch.zeros(())
+            shard = World().shard
+        image_ids, caption_ids = [shard(i) for i in image_ids], [shard(t) for t in caption_ids]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+            img = self.model.image(split.image_batch(torch.cat(image_ids)))
+            txt = self.model.text(*split.caption_batch(torch.cat(caption_ids)))
+        # One encoder pass over the shard and, for AOQ, its offline pairs; split back per role.
+        img, txt = img.split(len(image_ids[0])), txt.split(len(caption_ids[0]))
+        labels = caption_ids[0] // CAPTIONS_PER_IMAGE if c.mask_same_image else None
+        if len(img) == 1:
+            return loss_fn(img[0], txt[0], labels=labels)
+        return loss_fn(img[0], txt[0], img[1], txt[1], img[2], txt[2], labels=labels)
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world.size > 1:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.world.group)
+        return value
+
+    def _reduce_gradients(self) -> None:
+        """Sum the ranks' partial gradients (their losses sum to the global batch's loss), so every
+        rank clips and steps with the single-process gradient. One flat buffer in parameter order:
+        one collective, and the same reduction on every rank. A parameter without a gradient here
+        (a rank with no pairs) adds zeros."""
+        if self.world.size == 1:
+            return
+        params = list(self.model.parameters())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.world.group)
+        for p, grad in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = grad.view_as(p)
 
     def _offline_batch(self, captions: torch.Tensor,
                        gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -401,7 +521,22 @@ class Trainer:
     # --- AOQ mining
 
     def _mine_candidates(self) -> None:
-        """Round one's model embeds the training split; its offline candidates are saved once."""
+        """Rank 0 mines (and saves) the offline candidates with round one's best model; the other
+        ranks receive them, so every rank draws offline negatives from the same lists."""
+        self.candidates = self._share_candidates(self._mine() if self.world.main else None)
+
+    def _share_candidates(self, mined: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.world.size == 1:
+            return mined
+        (k_i2t, k_t2i), split = self._aoq_k(), self.dataset.train
+        i2t, t2i = mined or (torch.empty(split.num_images, k_i2t, dtype=torch.int64),
+                             torch.empty(split.num_captions, k_t2i, dtype=torch.int64))
+        for lists in (i2t, t2i):
+            dist.broadcast(lists, src=0, group=self.world.group)
+        return i2t, t2i
+
+    def _mine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round one's best model embeds the training split; its offline candidates are saved once."""
         from . import mining
 
         c, split = self.config, self.dataset.train
@@ -412,9 +547,9 @@ class Trainer:
         k_i2t, k_t2i = self._aoq_k()
         i2t, t2i = mining.offline_candidates(img, cap, cap_to_img, k_i2t=k_i2t, k_t2i=k_t2i, progress=self.progress)
         save_checkpoint({"config": asdict(c), "i2t": i2t, "t2i": t2i}, self.run_dir / CANDIDATES)
-        self.candidates = (i2t, t2i)
-        print(f"AOQ: mined {k_i2t} captions per image and {k_t2i} images per caption with the round-1 model "
-              f"(epoch {best['epoch']}) -> {self.run_dir / CANDIDATES}", file=self.out)
+        self._say(f"AOQ: mined {k_i2t} captions per image and {k_t2i} images per caption with the round-1 model "
+                  f"(epoch {best['epoch']}) -> {self.run_dir / CANDIDATES}")
+        return i2t, t2i
 
     def _aoq_k(self) -> tuple[int, int]:
         """Mined captions per image and images per caption: the options, capped by the train split."""
@@ -441,13 +576,17 @@ class Trainer:
     # --- outputs
 
     def _save(self, state: RunState, dev_rsum: float) -> None:
-        """Checkpoint (and best model), then the log and plot; refuses non-finite weights."""
+        """Checkpoint (and best model), then the log and plot (rank 0); refuses non-finite weights
+        (checked on every rank: they hold the same weights, so all of them stop)."""
         for name, p in self.model.state_dict().items():
             if not torch.isfinite(p).all():
                 raise TrainingError(f"parameter {name} is not finite after round {state.round} epoch "
                                     f"{state.epoch}; {self.run_dir / CHECKPOINT} keeps the last good epoch")
-        if dev_rsum > state.best_rsum:
-            state.best_rsum = dev_rsum
+        best = dev_rsum > state.best_rsum
+        state.best_rsum = max(state.best_rsum, dev_rsum)
+        if not self.world.main:
+            return
+        if best:
             save_checkpoint(self._payload(state, full=False), self.run_dir / BEST)
         save_checkpoint(self._payload(state, full=True), self.run_dir / CHECKPOINT)
         write_log(state.history, self.run_dir / LOG)
@@ -462,6 +601,9 @@ class Trainer:
         return payload
 
     def _final_test(self) -> dict[str, dict[str, float]]:
+        return self._on_main(self._test_best)
+
+    def _test_best(self) -> dict[str, dict[str, float]]:
         best = load_checkpoint(self.run_dir / BEST)
         self.model.load_state_dict(best["model"])
         split = self.dataset.test
@@ -470,11 +612,23 @@ class Trainer:
         header = (f"Test recall of {self.run_dir / BEST} (round {best['round']} epoch {best['epoch']}, best dev rsum "
                   f"{best['dev']['dev_rsum']:.1f}); {split.num_images} images, {split.num_captions} captions")
         atomic_write(self.run_dir / RESULTS, lambda tmp: tmp.write_text(f"{header}\n\n{text}\n"))
-        print(f"\n{header}\n{text}\n", file=self.out)
+        self._say(f"\n{header}\n{text}\n")
         for what, name in (("checkpoint", CHECKPOINT), ("best model", BEST), ("log", LOG), ("plot", PLOT),
                            ("table", RESULTS)):
-            print(f"{what:>11}: {self.run_dir / name}", file=self.out)
+            self._say(f"{what:>11}: {self.run_dir / name}")
         return table
+
+    def _on_main(self, compute: Callable[[], T]) -> T:
+        """``compute()`` on rank 0 only and its (picklable) result on every rank: evaluation runs
+        once, and all ranks keep the same history. Should rank 0 fail, torchrun stops the others."""
+        result = [compute() if self.world.main else None]
+        if self.world.size > 1:
+            dist.broadcast_object_list(result, src=0, group=self.world.group)
+        return result[0]
+
+    def _say(self, text: str) -> None:
+        if self.world.main:
+            print(text, file=self.out)
 
 
 def _loss_name(config: Config, round_: int) -> str:
@@ -535,17 +689,19 @@ def write_plot(history: list[dict[str, Any]], path: Path) -> None:
 def run(argv: list[str] | None = None, *, out=None) -> dict[str, dict[str, float]]:
     """Parse ``argv``, train, evaluate; returns the test recall table. Raises on bad input."""
     config, args, given = parse_args(argv)
-    trainer = Trainer(config, args.run_dir, progress=not args.no_progress, out=out)
-    state = trainer.start(resume=args.resume, overwrite=args.overwrite, given=given)
-    return trainer.run(state)
+    with process_group() as world:
+        trainer = Trainer(config, args.run_dir, progress=not args.no_progress, out=out, world=world)
+        state = trainer.start(resume=args.resume, overwrite=args.overwrite, given=given)
+        return trainer.run(state)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """CLI entry: like :func:`run`, but bad input ends the process with a one-line message."""
+    """CLI entry: like :func:`run`, but bad input ends the process with a one-line message
+    (from rank 0 only under torchrun: every rank meets the same error)."""
     try:
         return run(argv)
     except (CheckpointError, ConfigError, DataError, TrainingError) as err:
-        sys.exit(f"python -m vse_cuda.train: error: {err}")
+        sys.exit(f"python -m vse_cuda.train: error: {err}" if int(os.environ.get("RANK", "0")) == 0 else 1)
 
 
 if __name__ == "__main__":
