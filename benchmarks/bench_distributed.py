@@ -47,7 +47,9 @@ are listed as skipped, so the run fits its time budget.
 Usage (from the repository root)::
 
     python benchmarks/bench_distributed.py            # worlds 2 4, n 1024 2048 4096, D 256 1024
-    python benchmarks/bench_distributed.py --quick    # smoke run, tiny sizes (< 5 min)
+                                                      # (≈ 20 min; 4 of the 12 shapes skipped)
+    python benchmarks/bench_distributed.py --quick    # smoke run, tiny sizes (≈ 3 min: process start-up)
+    python benchmarks/bench_distributed.py --worlds 4 --sizes 4096 --dims 256 --max-gflop 1000
 
 Writes ``<out-dir>/distributed.csv``, ``distributed.md`` and ``distributed.png``
 (``distributed_quick.*`` with ``--quick``); CSV and Markdown are rewritten after every
@@ -592,7 +594,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--repeats", type=int, help=f"measured steps (default {DEFAULTS['repeats']})")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
-    parser.add_argument("--max-gflop", type=float, default=200.0,
+    # 110 keeps the default grid near 20 minutes on the loaded 2-core machine (process start-up
+    # of ~15 s per case included); it leaves out 4 ranks × n=4096 and n=2048 × D=1024 on 4 ranks,
+    # n=4096 × D=1024 on 2 ranks (206–825 GFLOP per rank and step, 4 steps per case).
+    parser.add_argument("--max-gflop", type=float, default=110.0,
                         help="skip configurations whose baseline work per rank and step (12·n·N·D) is above this")
     parser.add_argument("--mem-fraction", type=float, default=0.6,
                         help="skip baselines whose [n, N] buffers over all ranks would need more than this "
