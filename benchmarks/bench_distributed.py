@@ -47,7 +47,7 @@ are listed as skipped, so the run fits its time budget.
 Usage (from the repository root)::
 
     python benchmarks/bench_distributed.py            # worlds 2 4, n 1024 2048 4096, D 256 1024
-                                                      # (≈ 20 min; 4 of the 12 shapes skipped)
+                                                      # (12–20 min; 4 of the 12 shapes skipped)
     python benchmarks/bench_distributed.py --quick    # smoke run, tiny sizes (≈ 3 min: process start-up)
     python benchmarks/bench_distributed.py --worlds 4 --sizes 4096 --dims 256 --max-gflop 1000
 
@@ -317,7 +317,7 @@ def new_row(cfg: dict[str, Any], method: str) -> dict[str, Any]:
             "seconds": None, "all_seconds": [], "cpu_seconds": None, "extra_peak_mib": None,
             "extra_peak_mib_ranks": [], "sent_mib": bytes_sent_per_rank(method, cfg["world"], cfg["n"], cfg["dim"])
             / _MiB, "loss_sum": None, "loss_rel_diff": None, "grad_rel_diff": None, "oracle_rel_diff": None,
-            "time_ratio": None, "mem_ratio": None, "load_before": None}
+            "time_ratio": None, "cpu_ratio": None, "mem_ratio": None, "load_before": None}
 
 
 def run_config(cfg: dict[str, Any], args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
@@ -338,6 +338,7 @@ def run_config(cfg: dict[str, Any], args: argparse.Namespace, tmp: Path) -> list
     check(rows, dirs, cfg, args)
     for row in rows.values():
         row["time_ratio"] = _ratio(rows, "seconds")
+        row["cpu_ratio"] = _ratio(rows, "cpu_seconds")
         row["mem_ratio"] = _ratio(rows, "extra_peak_mib")
     for case_dir in dirs.values():
         for path in case_dir.iterdir():
@@ -391,7 +392,7 @@ def _fmt(value: float | None, spec: str) -> str:
 # --------------------------------------------------------------------------------- reports
 
 CSV_FIELDS = ["world", "loss", "n", "n_global", "dim", "method", "status", "seconds", "cpu_seconds",
-              "extra_peak_mib", "time_ratio", "mem_ratio", "sent_mib", "loss_sum", "loss_rel_diff",
+              "extra_peak_mib", "time_ratio", "cpu_ratio", "mem_ratio", "sent_mib", "loss_sum", "loss_rel_diff",
               "grad_rel_diff", "oracle_rel_diff", "load_before", "all_seconds", "extra_peak_mib_ranks", "detail"]
 
 
@@ -449,10 +450,10 @@ def _cell_status(ours: dict, base: dict) -> str:
 
 
 def results_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| ranks | loss | n | N | D | ours s | baseline s | **time ÷** | ours CPU s | baseline CPU s | "
+    lines = ["| ranks | loss | n | N | D | ours s | baseline s | **time ÷** | ours CPU s | baseline CPU s | CPU ÷ | "
              "ours MiB/rank | baseline MiB/rank | **mem ÷** | sent MiB/rank ours / baseline | "
              "Δloss ours vs baseline | Δgrad | Δloss vs oracle ours / baseline | load | status |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|"]
     for ours, base in _pairs(rows):
         oracle = ("-" if ours["oracle_rel_diff"] is None and base["oracle_rel_diff"] is None
                   else f"{_fmt(ours['oracle_rel_diff'], '.1e')} / {_fmt(base['oracle_rel_diff'], '.1e')}")
@@ -460,6 +461,7 @@ def results_table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {ours['world']} | {ours['loss']} | {ours['n']} | {ours['n_global']} | {ours['dim']} | "
             f"{_fmt(ours['seconds'], '.3f')} | {_fmt(base['seconds'], '.3f')} | {_fmt(ours['time_ratio'], '.2f')} | "
             f"{_fmt(ours['cpu_seconds'], '.3f')} | {_fmt(base['cpu_seconds'], '.3f')} | "
+            f"{_fmt(ours['cpu_ratio'], '.2f')} | "
             f"{_fmt(ours['extra_peak_mib'], '.1f')} | {_fmt(base['extra_peak_mib'], '.1f')} | "
             f"{_fmt(ours['mem_ratio'], '.1f')} | {ours['sent_mib']:.2f} / {base['sent_mib']:.2f} | "
             f"{_fmt(ours['loss_rel_diff'], '.1e')} | {_fmt(ours['grad_rel_diff'], '.1e')} | {oracle} | "
@@ -477,12 +479,14 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
             if not pairs:
                 continue
             times = [o["time_ratio"] for o, _ in pairs]
+            cpus = [o["cpu_ratio"] for o, _ in pairs]
             mems = [o["mem_ratio"] for o, _ in pairs]
-            largest = max(pairs, key=lambda p: p[0]["n_global"] * p[0]["dim"])
-            lines.append(f"- {world} ranks, {loss}: baseline ÷ ours time {min(times):.2f}–{max(times):.2f}×, "
-                         f"per-rank memory {min(mems):.1f}–{max(mems):.1f}× (largest run, N={largest[0]['n_global']}"
-                         f" D={largest[0]['dim']}: {largest[0]['seconds']:.2f} s vs {largest[1]['seconds']:.2f} s, "
-                         f"{largest[0]['extra_peak_mib']:.0f} vs {largest[1]['extra_peak_mib']:.0f} MiB/rank).")
+            ours, base = max(pairs, key=lambda p: (p[0]["n_global"], p[0]["dim"]))
+            lines.append(f"- {world} ranks, {loss}: baseline ÷ ours wall time {min(times):.2f}–{max(times):.2f}×, "
+                         f"CPU time {min(cpus):.2f}–{max(cpus):.2f}×, per-rank memory "
+                         f"{min(mems):.1f}–{max(mems):.1f}× (largest N={ours['n_global']}, D={ours['dim']}: "
+                         f"{ours['seconds']:.2f} s vs {base['seconds']:.2f} s, {ours['extra_peak_mib']:.0f} vs "
+                         f"{base['extra_peak_mib']:.0f} MiB/rank).")
     return lines
 
 
@@ -518,8 +522,10 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         "`F.cross_entropy` (unified) or VSE++ `max_violation` hinge (triplet) — the same loss value. "
         "**s**: median over steps of the slowest rank's wall time. **MiB/rank**: peak RSS during a step minus "
         "RSS before it, largest over ranks and steps (gathered embeddings and gradients included for both). "
-        "**time ÷, mem ÷**: baseline ÷ ours (> 1: ours faster / smaller). **sent MiB/rank**: analytic payload "
-        "one rank sends per step in fp32, assuming ring all-gather / all-reduce: ours 24(W−1)·n·D + 152(W−1) "
+        "**time ÷, CPU ÷, mem ÷**: baseline ÷ ours (> 1: ours faster / smaller); CPU s is the median over steps of "
+        "the largest rank's process CPU time, which excludes waiting for other ranks and for the cores other jobs "
+        "hold, so on this shared machine CPU ÷ is the steadier compute comparison. **sent MiB/rank**: analytic "
+        "payload one rank sends per step in fp32, assuming ring all-gather / all-reduce: ours 24(W−1)·n·D + 152(W−1) "
         "bytes (all_gather of img and txt forward, all-reduce of the two [N, D] gradients backward, shape "
         "checks), baseline 16(W−1)·n·D bytes (all_gather forward, all-to-all of the gradient blocks "
         "backward). **Δ**: relative differences of the summed losses and of the concatenated gradients "
@@ -594,8 +600,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--repeats", type=int, help=f"measured steps (default {DEFAULTS['repeats']})")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
-    # 110 keeps the default grid near 20 minutes on the loaded 2-core machine (process start-up
-    # of ~15 s per case included); it leaves out 4 ranks × n=4096 and n=2048 × D=1024 on 4 ranks,
+    # 110 keeps the default grid within 20 minutes on the loaded 2-core machine (12 min measured,
+    # process start-up of ~15 s per case included); it leaves out 4 ranks × n=4096 and n=2048 × D=1024 on 4 ranks,
     # n=4096 × D=1024 on 2 ranks (206–825 GFLOP per rank and step, 4 steps per case).
     parser.add_argument("--max-gflop", type=float, default=110.0,
                         help="skip configurations whose baseline work per rank and step (12·n·N·D) is above this")
