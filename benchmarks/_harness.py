@@ -24,6 +24,7 @@ other process.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import importlib
@@ -225,6 +226,58 @@ class _PeakRSS:
         self.extra_bytes = max(0, peak - self._baseline)
 
 
+@dataclasses.dataclass
+class Calls:
+    """What :func:`measure_calls` saw: per call wall and CPU seconds and extra peak RSS, and the
+    last call's return value."""
+
+    seconds: list[float]
+    cpu_seconds: list[float]
+    extra_bytes: list[int]
+    result: Any
+
+
+def measure_calls(fn: Callable[[], Any], repeats: int, before_each: Callable[[], None] | None = None) -> Calls:
+    """Call ``fn`` ``repeats`` times in this process, each timed and with its own peak RSS.
+
+    Before each call the previous result is dropped and garbage collected, then
+    ``before_each`` runs (unmeasured: e.g. a barrier that lines up the ranks of a distributed
+    step), so neither counts in the call's time or memory.
+    """
+    seconds, cpu_seconds, extra, result = [], [], [], None
+    for _ in range(repeats):
+        result = None
+        gc.collect()
+        if before_each is not None:
+            before_each()
+        with _PeakRSS() as peak:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            result = fn()
+            seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
+        extra.append(peak.extra_bytes)
+    return Calls(seconds, cpu_seconds, extra, result)
+
+
+def malloc_trim() -> None:
+    """Give the memory glibc's heaps hold free back to the kernel (no-op without glibc), so that
+    the next call's peak RSS counts what it allocates instead of reusing pages freed earlier."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def offer_to_oom_killer() -> None:
+    """Make this process the OOM killer's first choice, so that a benchmark that overruns the
+    machine's memory (a materialized baseline) dies instead of someone else's job."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
+
 def _resolve(case: str) -> Callable[..., Callable[[], Any]]:
     module, _, function = case.partition(":")
     if not function:
@@ -237,19 +290,9 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
-def _offer_to_oom_killer() -> None:
-    """Make this process the OOM killer's first choice, so that a benchmark that overruns the
-    machine's memory (a materialized baseline) dies instead of someone else's job."""
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError:
-        pass
-
-
 def _child(request: dict[str, Any]) -> None:
     """Entry point of the subprocess: prepare, warm up, measure, write the report."""
-    _offer_to_oom_killer()
+    offer_to_oom_killer()
     sys.path.insert(0, str(_HERE))
     import torch
 
@@ -260,19 +303,10 @@ def _child(request: dict[str, Any]) -> None:
         fn = _resolve(request["case"])(**request["params"])
         for _ in range(request["warmup"]):
             fn()
-        seconds, cpu_seconds, extra, result = [], [], 0, None
-        for _ in range(request["repeats"]):
-            result = None
-            gc.collect()
-            with _PeakRSS() as peak:
-                start, cpu_start = time.perf_counter(), time.process_time()
-                result = fn()
-                seconds.append(time.perf_counter() - start)
-                cpu_seconds.append(time.process_time() - cpu_start)
-            extra = max(extra, peak.extra_bytes)
+        calls = measure_calls(fn, request["repeats"])
         if request["save_result"] is not None:
-            torch.save(result, request["save_result"])
-        outcome = Measurement("ok", seconds, cpu_seconds, extra)
+            torch.save(calls.result, request["save_result"])
+        outcome = Measurement("ok", calls.seconds, calls.cpu_seconds, max(calls.extra_bytes))
     except Exception as error:  # reported to the parent, which records it instead of dying
         first_line = str(error).strip().splitlines()[:1]
         outcome = Measurement("oom" if _is_oom(error) else "error",
