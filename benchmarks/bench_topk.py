@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -40,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from _harness import Measurement, available_memory_bytes, run_isolated
+from _harness import Measurement, available_memory_bytes, machine_info, run_isolated
 
 METHODS = ("vse_cuda", "faiss", "materialized", "gemm_floor")
 #: Largest |value difference| to faiss accepted for unit-norm float32 data (GEMM rounding).
@@ -112,33 +110,6 @@ def compare(result: Path, reference: Path) -> tuple[float, float]:
     diff = (values.float() - ref_values.float()).abs().max().item()
     same = (indices == ref_indices).double().mean().item()
     return diff, same
-
-
-def machine_info(threads: int) -> dict[str, str]:
-    """CPU model, cores, threads used and library versions, for the report."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import faiss
-    import numpy
-
-    blas = "MKL" if torch.backends.mkl.is_available() else "non-MKL BLAS"
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "threads": str(threads),
-        "memory": f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / _GiB:.1f} GiB",
-        "torch": f"{torch.__version__} ({blas})",
-        "faiss": faiss.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def run_config(args: argparse.Namespace, methods: list[str], k: int,
@@ -241,7 +212,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; "
         f"{info['threads']} threads for every method; torch {info['torch']}, faiss-cpu "
-        f"{info['faiss']}, numpy {info['numpy']}, Python {info['python']}; {info['date']}.",
+        f"{info['faiss-cpu']}, numpy {info['numpy']}, Python {info['python']}; {info['date']}.",
         "",
         f"Data: queries {args.queries} × {args.dim}, keys {args.keys} × {args.dim}, float32, "
         f"L2-normalized Gaussian (seed {args.seed}). Seconds: median of {args.repeats} calls after "
@@ -385,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_topk_") as tmp:
         for k in args.k:
             rows += run_config(args, args.methods, k, floor, Path(tmp))
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, ("faiss-cpu", "numpy"))
     write_csv(rows, args.out_dir / f"{stem}.csv")
     write_markdown(rows, args.out_dir / f"{stem}.md", args, command, info)
     plotted = write_plot(rows, args.out_dir / f"{stem}.png")
