@@ -3,8 +3,8 @@
 Single process: the ops' anchor ranges partition the loss and its gradients, on every
 backend (on simt this runs the row-only and column-only sweeps of dense_rows_kernel,
 dense_columns_kernel, dense_gradient_kernel and topk_tile_kernel of csrc/cuda).
-Multi-process: 2 and 3 gloo ranks with uneven shards (torch.multiprocessing) and 2 ranks
-through torchrun; the sum of the ranks' losses and the concatenation of their gradients equal
+Multi-process: 2 and 3 gloo ranks with uneven shards, one of them empty (torch.multiprocessing),
+and 2 ranks through torchrun; the sum of the ranks' losses and the concatenation of their gradients equal
 the single-process loss and gradients of the whole batch (float64, 1e-10); bad input raises on
 every rank instead of hanging.
 """
@@ -94,7 +94,7 @@ def check_ranks_against_single_process(out_dir: Path, sizes: list[int]) -> None:
             assert "not a member" in errors["not_a_member"], errors
 
 
-@pytest.mark.parametrize("sizes", [[5, 8], [1, 6, 4]], ids=["2_ranks", "3_ranks"])
+@pytest.mark.parametrize("sizes", [[5, 8], [1, 0, 6]], ids=["2_ranks", "3_ranks_one_empty"])
 def test_ranks_sum_to_the_single_process_loss_and_gradients(tmp_path, sizes):
     mp.spawn(worker.run, args=(len(sizes), str(tmp_path / "store"), str(tmp_path), sizes), nprocs=len(sizes),
              join=True)

@@ -81,7 +81,7 @@ def triplet_loss(
     Returns:
         0-dim tensor in ``img.dtype``, differentiable with respect to img and txt.
     """
-    n = _check_pair(img, txt)
+    n = _check_pair(img, txt, group=group)
     margin = check_finite("margin", margin)
     mining = check_choice("mining", mining, MINING_MODES)
     check_int("k", k, 1)
@@ -131,7 +131,7 @@ def unified_loss(
     Returns:
         0-dim tensor in ``img.dtype``, differentiable with respect to img and txt.
     """
-    n = _check_pair(img, txt)
+    n = _check_pair(img, txt, group=group)
     scale = check_finite("scale", scale, positive=True)
     margin = check_finite("margin", margin)
     reduction = check_choice("reduction", reduction, REDUCTIONS)
@@ -197,7 +197,7 @@ def quintuplet_loss(
     Returns:
         0-dim tensor in ``img.dtype``, differentiable with respect to all six inputs.
     """
-    n = _check_pair(img, txt, off_img=off_img, off_txt=off_txt, img2=img2, txt2=txt2)
+    n = _check_pair(img, txt, group=group, off_img=off_img, off_txt=off_txt, img2=img2, txt2=txt2)
     margin_online = check_finite("margin_online", margin_online)
     margin_offline = check_finite("margin_offline", margin_offline)
     alpha = check_finite("alpha", alpha, positive=True)
@@ -261,7 +261,7 @@ def goal_loss(
     Returns:
         0-dim tensor in ``img.dtype`` whose backward injects the GOAL gradient into img and txt.
     """
-    n = _check_pair(img, txt)
+    n = _check_pair(img, txt, group=group)
     triplet_weight = check_choice("triplet_weight", triplet_weight, TRIPLET_WEIGHTS)
     pair_weight = check_choice("pair_weight", pair_weight, PAIR_WEIGHTS)
     tau = check_finite("tau", tau, positive=True)
@@ -391,8 +391,9 @@ class GoalLoss(nn.Module):
 
 # ------------------------------------------------------------------------------- helpers
 
-def _check_pair(img: object, txt: object, **more: object) -> int:
-    """Paired [N, D] embeddings (img, txt and any further ones, by name) with N >= 1; returns N."""
+def _check_pair(img: object, txt: object, *, group: object = None, **more: object) -> int:
+    """Paired [N, D] embeddings (img, txt and any further ones, by name); returns N. N >= 1,
+    except for a rank of a group, whose shard may be empty (the group still has pairs)."""
     names, tensors = ("img", "txt", *more), (img, txt, *more.values())
     for name, x in zip(names, tensors):
         check_embeddings(name, x)
@@ -400,7 +401,7 @@ def _check_pair(img: object, txt: object, **more: object) -> int:
     for name, x in zip(names[1:], tensors[1:]):
         if x.size(0) != img.size(0):
             raise ValueError(f"{name} has N={x.size(0)} rows but img has N={img.size(0)}: the inputs are paired")
-    if img.size(0) == 0:
+    if img.size(0) == 0 and group is None:
         raise ValueError("img and txt must hold at least one pair, got N=0")
     return img.size(0)
 
@@ -440,6 +441,8 @@ def _engine_loss(op_name: str, embeddings: tuple[torch.Tensor, ...], labels: tor
     out_dtype = embeddings[0].dtype
     *embeddings, labels, anchors = _distribute(group, labels, *_prepare(normalize, *embeddings))
     n = embeddings[0].size(0)
+    if n == 0:  # every rank of the group saw the same total
+        raise ValueError("the group holds no pairs: every rank passed N=0")
     chunks = plan_chunks(n, n, embeddings[0].dtype, chunk_size)
     op = getattr(_lib.ops(*embeddings), op_name)
     total = op(*embeddings, _labels_or_empty(labels, embeddings[0]), *options, *anchors, chunks.rows, chunks.cols)[0]

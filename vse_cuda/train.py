@@ -14,8 +14,8 @@ joins a gloo process group (the harness trains on CPU). ``--batch-size`` stays t
 batch: every rank draws the same seeded epoch order (and, for AOQ, the same offline
 negatives), encodes its contiguous share of each global batch (sizes differ by at most one)
 and calls the loss with ``group=WORLD``, so negatives come from the whole global batch. A last
-batch with fewer pairs than ranks is computed by rank 0 alone (the losses refuse a rank
-without pairs). The ranks' losses sum to the single-process loss and their parameter gradients
+batch with fewer pairs than ranks is computed by rank 0 alone (the other ranks add zero
+gradients). The ranks' losses sum to the single-process loss and their parameter gradients
 are partial sums of its gradient: one all-reduce (SUM) of all gradients, flattened in
 parameter order, precedes clipping and the Adam step, so every rank takes the step one process
 would take on the whole batch (up to rounding: the gradient is summed in another order, and
@@ -408,8 +408,8 @@ class Trainer:
         c, split = self.config, self.dataset.train
         warmup = state.round == 1 and state.epoch < c.warmup_epochs
         loss_fn = make_loss(c, warmup=warmup, round_=state.round, group=self.world.group)
-        # The losses refuse a rank without pairs, so a batch with fewer pairs than ranks (a short
-        # last batch) is computed whole by rank 0, without a group.
+        # A batch with fewer pairs than ranks (a short last batch) is computed whole by rank 0,
+        # without a group; the other ranks add zero gradients.
         short_fn = make_loss(c, warmup=warmup, round_=state.round)
         loss_name = "triplet-all (warm-up)" if warmup else _loss_name(c, state.round)
         # The same order and generator on every rank: each takes its shard of the same global batches.
