@@ -258,6 +258,8 @@ def process_group() -> Iterator[World]:
         dist.init_process_group("gloo")
     try:
         yield current_world()
+        if launched:  # no rank tears its group down while another still uses it
+            dist.barrier()
     finally:
         if launched:
             dist.destroy_process_group()
