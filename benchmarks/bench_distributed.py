@@ -64,7 +64,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import signal
 import statistics
@@ -81,7 +80,7 @@ import torch.distributed.nn  # noqa: F401  (the autograd all_gather of the basel
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from _harness import available_memory_bytes, malloc_trim, measure_calls, offer_to_oom_killer
+from _harness import available_memory_bytes, machine_info, malloc_trim, measure_calls, offer_to_oom_killer
 
 METHODS = ("ours", "baseline")
 LOSSES = ("triplet_hardest", "unified")
@@ -408,24 +407,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             writer.writerow(out)
 
 
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import vse_cuda
-
-    blas = "MKL" if torch.backends.mkl.is_available() else "non-MKL BLAS"
-    return {"cpu": cpu, "cores": str(os.cpu_count()),
-            "memory": f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / _GiB:.1f} GiB",
-            "torch": f"{torch.__version__} ({blas})", "vse_cuda": vse_cuda.__version__,
-            "python": platform.python_version()}
-
-
 def _pairs(rows: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
     """(ours row, baseline row) per configuration, in run order."""
     out = []
@@ -634,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "distributed_quick" if args.quick else "distributed"
     started, start_load, t0 = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()[0], time.perf_counter()
-    info = machine_info()
+    info = machine_info(1, ("vse_cuda",))
     configs = plan_configs(args)
     print(f"[bench_distributed] {len(configs)} configurations; writing {stem}.* to {args.out_dir}", flush=True)
     rows: list[dict[str, Any]] = []

@@ -47,12 +47,10 @@ after every configuration, so an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import csv
 import datetime
 import math
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -62,7 +60,7 @@ from typing import Any, Callable
 
 import torch
 
-from _harness import Measurement, available_memory_bytes, run_isolated
+from _harness import Measurement, available_memory_bytes, machine_info, malloc_trim, run_isolated
 
 _MiB = 2**20
 _GiB = 2**30
@@ -177,14 +175,6 @@ def forward_backward(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]
     return (loss.detach(), *grads)
 
 
-def _malloc_trim() -> None:
-    """Give the memory glibc's heaps hold free back to the kernel (no-op without glibc)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _exact_first_measured_call(fn: Callable[[], Any], warmup: int) -> Callable[[], Any]:
     """Wrap the measured call so that the harness's extra-peak figure is exact for the first
     measured call.
@@ -206,11 +196,11 @@ def _exact_first_measured_call(fn: Callable[[], Any], warmup: int) -> Callable[[
         state["calls"] += 1
         if state["calls"] == warmup:
             state["keep"] = out
-            _malloc_trim()
+            malloc_trim()
         return out
 
     if warmup == 0:
-        _malloc_trim()
+        malloc_trim()
     return call
 
 
@@ -490,30 +480,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             writer.writerow(out)
 
 
-def machine_info(threads: int) -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        from importlib.metadata import version
-
-        pml = version("pytorch-metric-learning")
-    except Exception:  # not installed: the peer cases report the error
-        pml = "not installed"
-    import vse_cuda
-
-    blas = "MKL" if torch.backends.mkl.is_available() else "non-MKL BLAS"
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "threads": str(threads),
-            "memory": f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / _GiB:.1f} GiB",
-            "torch": f"{torch.__version__} ({blas})", "vse_cuda": vse_cuda.__version__, "pml": pml,
-            "python": platform.python_version()}
-
-
 def _find(rows: list[dict[str, Any]], variant: str, n: int, dim: int, dtype: str, method: str) -> dict | None:
     return next((r for r in rows if r["variant"] == variant and r["n"] == n and r["dim"] == dim
                  and r["dtype"] == dtype and r["method"] == method), None)
@@ -605,7 +571,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         f"Command: `{command}`",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; {info['threads']} threads for every "
-        f"method; torch {info['torch']}, vse_cuda {info['vse_cuda']}, pytorch-metric-learning {info['pml']}, "
+        f"method; torch {info['torch']}, vse_cuda {info['vse_cuda']}, pytorch-metric-learning {info['pytorch-metric-learning']}, "
         f"Python {info['python']}.",
         "",
         f"Date: {started:%Y-%m-%d %H:%M} UTC, {(now - started).total_seconds() / 60:.1f} min"
@@ -805,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     start_load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, ("vse_cuda", "pytorch-metric-learning"))
     configs = plan_configs(args)
     preflight(list(VARIANTS), args.dtypes, args.seed)
     print(f"[bench_losses] {len(configs)} configurations; writing {stem}.* to {args.out_dir}", flush=True)
