@@ -243,6 +243,11 @@ def goal_loss(
     Unlike the official code, the injected gradient is scaled by ``grad_output`` (equal at 1),
     so loss scaling works. An anchor without a valid negative contributes nothing.
 
+    "sig_ms" is meant for cosine similarities (``normalize=True`` or L2-normalized encoders):
+    an anchor whose negative set is empty has w_n = e^{b(N−λ)}, the exact weight, which
+    exceeds float32's range (and float16/bfloat16's, computed in float32) once
+    b(N − λ) > 88, e.g. N > 9.3 at the defaults, giving inf/NaN gradients; use float64 there.
+
     Args:
         img, txt: [N, D] float16/bfloat16/float32/float64 embeddings, same dtype and device.
         triplet_weight: "con" (default), "nca" or "cir".
