@@ -86,3 +86,18 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_group(name: str, group: object) -> None:
+    """None, or a torch.distributed process group this process belongs to.
+
+    ``new_group`` hands non-members the sentinel NON_GROUP_MEMBER (an int), so it is told
+    apart from other non-groups to say what actually went wrong."""
+    if group is None:
+        return
+    if not torch.distributed.is_available():
+        raise RuntimeError(f"{name}= needs a PyTorch built with torch.distributed")
+    if group is torch.distributed.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"{name}: this process is not a member of the given process group")
+    if not isinstance(group, torch.distributed.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")

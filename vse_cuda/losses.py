@@ -22,6 +22,7 @@ from ._validation import (
     check_compatible,
     check_embeddings,
     check_finite,
+    check_group,
     check_int,
     check_labels,
 )
@@ -407,14 +408,7 @@ def _check_pair(img: object, txt: object, *, group: object = None, **more: objec
 
 
 def _check_group(group: object) -> None:
-    if group is None:
-        return
-    if not torch.distributed.is_available():
-        raise RuntimeError("group= needs a PyTorch built with torch.distributed")
-    if group is torch.distributed.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to non-members
-        raise ValueError("group: this process is not a member of the given process group")
-    if not isinstance(group, torch.distributed.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    check_group("group", group)
 
 
 def _distribute(group, labels: torch.Tensor | None, *embeddings: torch.Tensor):
