@@ -31,6 +31,8 @@ MINING_MODES = ("hardest", "all", "topk")
 REDUCTIONS = ("sum", "mean")
 TRIPLET_WEIGHTS = ("con", "nca", "cir")
 PAIR_WEIGHTS = ("con", "lin", "sig", "lin_ms", "sig_ms")
+#: The engine ops' embedding arguments in order (the pair losses take the first two).
+_EMBEDDING_NAMES = ("img", "txt", "off_img", "off_txt", "img2", "txt2")
 
 __all__ = ["GoalLoss", "QuintupletLoss", "TripletLoss", "UnifiedLoss", "goal_loss", "quintuplet_loss", "triplet_loss",
            "unified_loss"]
@@ -438,7 +440,7 @@ def _engine_loss(op_name: str, embeddings: tuple[torch.Tensor, ...], labels: tor
     if n == 0:  # every rank of the group saw the same total
         raise ValueError("the group holds no pairs: every rank passed N=0")
     chunks = plan_chunks(n, n, embeddings[0].dtype, chunk_size)
-    op = getattr(_lib.ops(*embeddings), op_name)
+    op = getattr(_lib.ops(*embeddings, names=_EMBEDDING_NAMES), op_name)
     total = op(*embeddings, _labels_or_empty(labels, embeddings[0]), *options, *anchors, chunks.rows, chunks.cols)[0]
     return _reduce(total, n, reduction).to(out_dtype)
 
