@@ -187,7 +187,7 @@ def sample_offline_negatives(
 
     Random numbers: first all n (``torch.randint(pool, [B])``), then all u
     (``torch.randint(P, [B])``), from ``generator`` (the global RNG when None), so a seeded
-    generator reproduces the draw exactly.
+    generator reproduces the draw exactly. A call that raises leaves the generator as it was.
 
     The layout is the official one: caption k belongs to image k // P, so C = I·P. A pool
     larger than the lists is refused rather than clipped, since clipping would silently
@@ -227,7 +227,8 @@ def sample_offline_negatives(
 def _default_generator(device: torch.device) -> torch.Generator:
     """The generator torch.randint(device=device) draws from when given none."""
     if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
     return torch.default_generator
 
 
