@@ -75,8 +75,10 @@ def exchange_shapes(name: str, x: torch.Tensor, group: dist.ProcessGroup | None,
     ``flags`` must agree; the first dimension may differ) and returns this rank's shard.
     Raises the same ValueError on every rank when they disagree."""
     # Local checks first: each rank raises them alone, before any collective.
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"{name} must be a tensor with at least one dimension")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (the rows to gather), got a 0-d tensor")
     if x.dtype not in _DTYPES:
         raise TypeError(f"{name} has dtype {x.dtype}; the gather supports {', '.join(map(str, _DTYPES))}")
     if x.device.type == "meta":  # holds no data to send; the metadata exchange would fail on .item()
