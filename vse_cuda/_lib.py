@@ -68,17 +68,24 @@ def simt_ops():
     return torch.ops.vse_simt
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
     """Run vse_cuda ops on one backend inside the block (for tests and benchmarks).
 
     "cpu" and "cuda" follow the tensors' device as usual; "simt" sends CPU tensors to the
-    CUDA kernels compiled for the SIMT executor.
+    CUDA kernels compiled for the SIMT executor. A bad name raises here, at the call, not
+    only on entering the ``with`` block.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a str, one of {_BACKENDS}, got {type(name).__name__}")
     if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+        raise ValueError(f"backend name must be one of {_BACKENDS}, got {name!r}")
     if name not in backends():
         raise RuntimeError(f"backend {name!r} is not compiled into this build; built: {backends()}")
+    return _backend_block(name)
+
+
+@contextlib.contextmanager
+def _backend_block(name: str) -> Iterator[None]:
     token = _active_backend.set(name)
     try:
         yield
@@ -86,11 +93,14 @@ def use_backend(name: str) -> Iterator[None]:
         _active_backend.reset(token)
 
 
-def ops(*tensors: torch.Tensor):
-    """The op namespace for these tensors under the active backend."""
+def ops(*tensors: torch.Tensor, names: tuple[str, ...] = ()):
+    """The op namespace for these tensors under the active backend; ``names`` (of the
+    caller's arguments, in order) go into the error when a tensor cannot run there."""
     if _active_backend.get() == "simt":
-        if any(t.device.type != "cpu" for t in tensors):
-            raise ValueError("the simt backend runs on CPU tensors only")
+        for i, t in enumerate(tensors):
+            if t.device.type != "cpu":
+                name = names[i] if i < len(names) else f"input {i}"
+                raise ValueError(f"{name} is on {t.device}, but the simt backend runs on CPU tensors only")
         return torch.ops.vse_simt
     if any(t.device.type == "cuda" for t in tensors) and "cuda" not in backends():
         raise RuntimeError("these tensors are on CUDA but vse_cuda was built without CUDA kernels (VSE_CUDA=0 or no nvcc)")

@@ -57,8 +57,8 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
     return value
 
 
@@ -86,3 +86,18 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_group(name: str, group: object) -> None:
+    """None, or a torch.distributed process group this process belongs to.
+
+    ``new_group`` hands non-members the sentinel NON_GROUP_MEMBER (an int), so it is told
+    apart from other non-groups to say what actually went wrong."""
+    if group is None:
+        return
+    if not torch.distributed.is_available():
+        raise RuntimeError(f"{name}= needs a PyTorch built with torch.distributed")
+    if group is torch.distributed.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"{name}: this process is not a member of the given process group")
+    if not isinstance(group, torch.distributed.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")

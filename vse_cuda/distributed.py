@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from ._validation import check_group
+
 __all__ = ["gather_with_grad"]
 
 # Dtypes by code in the metadata every rank exchanges (a tensor can carry only numbers).
@@ -72,11 +74,17 @@ def exchange_shapes(name: str, x: torch.Tensor, group: dist.ProcessGroup | None,
     """Checks ``x`` against the other ranks' (trailing shape, dtype, device type and any
     ``flags`` must agree; the first dimension may differ) and returns this rank's shard.
     Raises the same ValueError on every rank when they disagree."""
-    rank = _rank_in(group)
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"{name} must be a tensor with at least one dimension")
+    # Local checks first: each rank raises them alone, before any collective.
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (the rows to gather), got a 0-d tensor")
     if x.dtype not in _DTYPES:
         raise TypeError(f"{name} has dtype {x.dtype}; the gather supports {', '.join(map(str, _DTYPES))}")
+    if x.device.type == "meta":  # holds no data to send; the metadata exchange would fail on .item()
+        raise ValueError(f"{name} is on meta, but the gather sends data: use cpu or cuda tensors")
+    check_group("group", group)
+    rank = _rank_in(group)
     mine = [x.size(0), x.dim(), *x.shape[1:], _DTYPES.index(x.dtype), int(x.is_cuda), *flags]
     width = torch.tensor([len(mine)], dtype=torch.int64, device=x.device)
     widths = _all_gather(width, group)

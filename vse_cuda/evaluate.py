@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ._validation import check_bool, check_compatible, check_embeddings, check_int
 from .data import CAPTIONS_PER_IMAGE, Split
 from .topk import topk_similar
 
@@ -33,10 +34,7 @@ def recall_at_k(img_emb: torch.Tensor, cap_emb: torch.Tensor, *, captions_per_im
                 chunk_size: int | None = None) -> dict[str, float]:
     """R@1/5/10 (percent) both ways and rsum for ``n`` images and their ``captions_per_image·n``
     captions stored image by image (caption c belongs to image c // captions_per_image)."""
-    n = img_emb.size(0)
-    if n == 0 or cap_emb.size(0) != captions_per_image * n:
-        raise ValueError(f"cap_emb must hold {captions_per_image} captions per image: {n} images need "
-                         f"{captions_per_image * n} captions, got {cap_emb.size(0)}")
+    n = _check_split_embeddings(img_emb, cap_emb, captions_per_image)
     image_ids = torch.arange(n, device=img_emb.device)
     caption_image = image_ids.repeat_interleave(captions_per_image)
     top = max(RECALL_AT)
@@ -55,8 +53,9 @@ def fold_recall(img_emb: torch.Tensor, cap_emb: torch.Tensor, *, fold_images: in
                 captions_per_image: int = CAPTIONS_PER_IMAGE) -> dict[str, float]:
     """The mean of every metric over consecutive folds of ``fold_images`` images (COCO 1K);
     rsum is the sum of the mean recalls, as vsepp reports it."""
-    n = img_emb.size(0)
-    if fold_images < 1 or n % fold_images:
+    n = _check_split_embeddings(img_emb, cap_emb, captions_per_image)
+    check_int("fold_images", fold_images, 1)
+    if n % fold_images:
         raise ValueError(f"fold_images={fold_images} must divide the {n} images")
     folds = [recall_at_k(img_emb[f:f + fold_images],
                          cap_emb[f * captions_per_image:(f + fold_images) * captions_per_image],
@@ -70,7 +69,7 @@ def fold_recall(img_emb: torch.Tensor, cap_emb: torch.Tensor, *, fold_images: in
 def recall_table(img_emb: torch.Tensor, cap_emb: torch.Tensor) -> dict[str, dict[str, float]]:
     """Every protocol the split supports: with a multiple of 1000 images above 1000, the 1K
     fold mean and the whole split (COCO 1K and 5K on 5000 images); otherwise the whole split."""
-    n = img_emb.size(0)
+    n = _check_split_embeddings(img_emb, cap_emb, CAPTIONS_PER_IMAGE)
     table = {}
     if n > FOLD_IMAGES and n % FOLD_IMAGES == 0:
         table[f"1K ({n // FOLD_IMAGES}-fold mean)"] = fold_recall(img_emb, cap_emb)
@@ -81,7 +80,8 @@ def recall_table(img_emb: torch.Tensor, cap_emb: torch.Tensor) -> dict[str, dict
 def chance_rsum(num_images: int, captions_per_image: int = CAPTIONS_PER_IMAGE) -> float:
     """rsum of a random ranking: i2t R@K = 1 − C(c·n − c, K)/C(c·n, K) (one of c captions in the
     top K), t2i R@K = K/n."""
-    n, c = num_images, captions_per_image
+    n = check_int("num_images", num_images, 1)
+    c = check_int("captions_per_image", captions_per_image, 1)
     total = 0.0
     for k in RECALL_AT:
         i2t = 1.0 - math.comb(c * n - c, min(k, c * n)) / math.comb(c * n, min(k, c * n))
@@ -91,6 +91,14 @@ def chance_rsum(num_images: int, captions_per_image: int = CAPTIONS_PER_IMAGE) -
 
 def format_table(table: dict[str, dict[str, float]], *, num_images: int | None = None) -> str:
     """A markdown table, one row per protocol; with ``num_images`` a chance line under it."""
+    if not isinstance(table, dict):
+        raise TypeError(f"table must be a dict of protocol -> metrics, got {type(table).__name__}")
+    for name, metrics in table.items():
+        missing = [m for m in METRICS if not isinstance(metrics, dict) or m not in metrics]
+        if missing:
+            raise ValueError(f"table[{name!r}] must hold every metric of {METRICS}; missing {missing}")
+    if num_images is not None:
+        check_int("num_images", num_images, 1)
     head = "| protocol | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum |"
     lines = [head, "|---|" + "---:|" * 7]
     for name, m in table.items():
@@ -106,6 +114,12 @@ def format_table(table: dict[str, dict[str, float]], *, num_images: int | None =
 def embed_split(model: torch.nn.Module, split: Split, *, batch_size: int = 2048,
                 autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm image [n, E] and caption [5n, E] embeddings of a split, in batches."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(split, Split):
+        raise TypeError(f"split must be a vse_cuda.data.Split, got {type(split).__name__}")
+    check_int("batch_size", batch_size, 1)
+    check_bool("autocast", autocast)
     was_training = model.training
     model.eval()
     try:
@@ -117,6 +131,21 @@ def embed_split(model: torch.nn.Module, split: Split, *, batch_size: int = 2048,
     finally:
         model.train(was_training)
     return torch.cat(imgs), torch.cat(caps)
+
+
+def _check_split_embeddings(img_emb: object, cap_emb: object, captions_per_image: object) -> int:
+    """Image [n, D] and caption [captions_per_image·n, D] embeddings, n >= 1; returns n."""
+    check_embeddings("img_emb", img_emb)
+    check_embeddings("cap_emb", cap_emb)
+    check_compatible(("img_emb", "cap_emb"), (img_emb, cap_emb))
+    check_int("captions_per_image", captions_per_image, 1)
+    n = img_emb.size(0)
+    if n == 0:
+        raise ValueError(f"img_emb must hold at least one image, got shape {tuple(img_emb.shape)}")
+    if cap_emb.size(0) != captions_per_image * n:
+        raise ValueError(f"cap_emb must hold {captions_per_image} captions per image: {n} images need "
+                         f"{captions_per_image * n} captions, got {cap_emb.size(0)}")
+    return n
 
 
 def _size_name(n: int) -> str:

@@ -22,6 +22,7 @@ from ._validation import (
     check_compatible,
     check_embeddings,
     check_finite,
+    check_group,
     check_int,
     check_labels,
 )
@@ -30,6 +31,8 @@ MINING_MODES = ("hardest", "all", "topk")
 REDUCTIONS = ("sum", "mean")
 TRIPLET_WEIGHTS = ("con", "nca", "cir")
 PAIR_WEIGHTS = ("con", "lin", "sig", "lin_ms", "sig_ms")
+#: The engine ops' embedding arguments in order (the pair losses take the first two).
+_EMBEDDING_NAMES = ("img", "txt", "off_img", "off_txt", "img2", "txt2")
 
 __all__ = ["GoalLoss", "QuintupletLoss", "TripletLoss", "UnifiedLoss", "goal_loss", "quintuplet_loss", "triplet_loss",
            "unified_loss"]
@@ -412,14 +415,7 @@ def _check_pair(img: object, txt: object, *, group: object = None, **more: objec
 
 
 def _check_group(group: object) -> None:
-    if group is None:
-        return
-    if not torch.distributed.is_available():
-        raise RuntimeError("group= needs a PyTorch built with torch.distributed")
-    if group is torch.distributed.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to non-members
-        raise ValueError("group: this process is not a member of the given process group")
-    if not isinstance(group, torch.distributed.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    check_group("group", group)
 
 
 def _distribute(group, labels: torch.Tensor | None, *embeddings: torch.Tensor):
@@ -449,7 +445,7 @@ def _engine_loss(op_name: str, embeddings: tuple[torch.Tensor, ...], labels: tor
     if n == 0:  # every rank of the group saw the same total
         raise ValueError("the group holds no pairs: every rank passed N=0")
     chunks = plan_chunks(n, n, embeddings[0].dtype, chunk_size)
-    op = getattr(_lib.ops(*embeddings), op_name)
+    op = getattr(_lib.ops(*embeddings, names=_EMBEDDING_NAMES), op_name)
     total = op(*embeddings, _labels_or_empty(labels, embeddings[0]), *options, *anchors, chunks.rows, chunks.cols)[0]
     return _reduce(total, n, reduction).to(out_dtype)
 

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ._chunking import plan_chunks
-from ._validation import check_compatible, check_embeddings, check_int
+from ._validation import check_bool, check_compatible, check_embeddings, check_int
 from .topk import topk_similar
 
 __all__ = ["offline_candidates", "sample_offline_negatives", "main"]
@@ -83,6 +83,7 @@ def offline_candidates(
         ``(i2t [I, k_i2t], t2i [C, k_t2i])``, int64, on the inputs' device.
     """
     _check_candidate_inputs(img_emb, cap_emb, cap_to_img, k_i2t, k_t2i, chunk_size)
+    check_bool("progress", progress)
     n_img, n_cap = img_emb.size(0), cap_emb.size(0)
     img_labels = torch.arange(n_img, device=img_emb.device)
     bar = _progress_bar(n_img + n_cap) if progress else None
@@ -102,6 +103,8 @@ def _check_candidate_inputs(img_emb: object, cap_emb: object, cap_to_img: object
     check_embeddings("cap_emb", cap_emb)
     check_compatible(("img_emb", "cap_emb"), (img_emb, cap_emb))
     n_img, n_cap = img_emb.size(0), cap_emb.size(0)
+    if n_img == 0:  # else the cap_to_img range check below blames the captions
+        raise ValueError(f"img_emb must hold at least one image, got shape {tuple(img_emb.shape)}")
     _check_cap_to_img(cap_to_img, n_img, n_cap, img_emb.device)
     most_owned = int(torch.bincount(cap_to_img, minlength=1).max()) if n_cap else 0
     _check_k("k_i2t", k_i2t, n_cap - most_owned,
@@ -184,7 +187,7 @@ def sample_offline_negatives(
 
     Random numbers: first all n (``torch.randint(pool, [B])``), then all u
     (``torch.randint(P, [B])``), from ``generator`` (the global RNG when None), so a seeded
-    generator reproduces the draw exactly.
+    generator reproduces the draw exactly. A call that raises leaves the generator as it was.
 
     The layout is the official one: caption k belongs to image k // P, so C = I·P. A pool
     larger than the lists is refused rather than clipped, since clipping would silently
@@ -204,13 +207,29 @@ def sample_offline_negatives(
     _check_sampling_inputs(i2t, t2i, captions, generator, pool, captions_per_image)
     per = captions_per_image
     batch, device = captions.size(0), i2t.device
+    # The lists' entries are checked only once drawn (O(B), not O(lists)); a draw that fails
+    # that check gives its random numbers back, so a failed call leaves the RNG as it was.
+    rng = generator if generator is not None else _default_generator(device)
+    rng_state = rng.get_state()
     n = torch.randint(pool, (batch,), generator=generator, device=device)
     u = torch.randint(per, (batch,), generator=generator, device=device)
     off_txt = i2t[captions // per, n]
     off_img = t2i[captions, n // per]
-    _check_drawn("i2t", off_txt, t2i.size(0), "caption")
-    _check_drawn("t2i", off_img, i2t.size(0), "image")
+    try:
+        _check_drawn("i2t", off_txt, t2i.size(0), "caption")
+        _check_drawn("t2i", off_img, i2t.size(0), "image")
+    except ValueError:
+        rng.set_state(rng_state)
+        raise
     return off_txt, off_img, off_txt // per, off_img * per + u
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator torch.randint(device=device) draws from when given none."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return torch.default_generator
 
 
 def _check_sampling_inputs(i2t: object, t2i: object, captions: object, generator: object,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_compatible, check_embeddings
+from ._validation import check_bool, check_compatible, check_embeddings
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
@@ -18,6 +18,7 @@ def similarity(a: torch.Tensor, b: torch.Tensor, *, normalize: bool = False) -> 
     check_embeddings("a", a)
     check_embeddings("b", b)
     check_compatible(("a", "b"), (a, b))
+    check_bool("normalize", normalize)
     if normalize:
         a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
     return a @ b.T

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import _lib
 from ._chunking import plan_chunks
-from ._validation import check_compatible, check_embeddings, check_int, check_labels
+from ._validation import check_bool, check_compatible, check_embeddings, check_int, check_labels
 
 
 def topk_similar(
@@ -49,20 +49,28 @@ def topk_similar(
     check_embeddings("keys", keys)
     check_compatible(("queries", "keys"), (queries, keys))
     n, m = queries.size(0), keys.size(0)
+    if m == 0:  # k >= 1 results cannot come from no keys (the k check below would let k=1 by)
+        raise ValueError(f"keys must hold at least one row to take k >= 1 from, got shape {tuple(keys.shape)}")
     if (query_labels is None) != (key_labels is None):
         raise ValueError("query_labels and key_labels must be given together (or neither)")
     query_labels = check_labels("query_labels", query_labels, n, queries.device)
     key_labels = check_labels("key_labels", key_labels, m, keys.device)
-    check_int("k", k, 1, max(1, _fewest_candidates(n, m, query_labels, key_labels)))
+    fewest, query = _fewest_candidates(n, m, query_labels, key_labels)
+    if fewest == 0:  # the kernels would pad that row with index -1, outside [0, M)
+        raise ValueError(f"query_labels and key_labels leave query {query} (label "
+                         f"{int(query_labels[query])}) no key to return: every key has its label")
+    check_int("k", k, 1, fewest)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, 1)
+    check_bool("normalize", normalize)
+    check_bool("progress", progress)
 
     if normalize:
         queries, keys = F.normalize(queries, dim=1), F.normalize(keys, dim=1)
     queries, keys = queries.detach(), keys.detach()
     chunks = plan_chunks(n, m, queries.dtype, chunk_size)
     no_labels = queries.new_empty(0, dtype=torch.int64)
-    op = _lib.ops(queries, keys).topk_similar
+    op = _lib.ops(queries, keys, names=("queries", "keys")).topk_similar
     values, indices = [], []
     starts = range(0, n, chunks.rows)
     if progress:
@@ -85,13 +93,15 @@ def topk_similar(
 
 
 def _fewest_candidates(n: int, m: int, query_labels: torch.Tensor | None,
-                       key_labels: torch.Tensor | None) -> int:
-    """The smallest number of keys any query may return (M minus its same-label keys)."""
+                       key_labels: torch.Tensor | None) -> tuple[int, int]:
+    """The smallest number of keys any query may return (M minus its same-label keys), and
+    the first query with that few."""
     if query_labels is None or n == 0:
-        return m
+        return m, 0
     sorted_keys = torch.sort(key_labels).values
     same = torch.searchsorted(sorted_keys, query_labels, right=True) - torch.searchsorted(sorted_keys, query_labels)
-    return m - int(same.max())
+    most = int(same.max())
+    return m - most, int(torch.nonzero(same == most)[0])
 
 
 def _register_fake(namespace: str) -> None:
