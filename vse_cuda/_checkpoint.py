@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -106,7 +107,9 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> di
                 bad = archive.testzip()
             if bad is not None:
                 raise CheckpointError(f"checkpoint {path} is truncated or corrupt (entry {bad} fails its CRC check)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on a foreign pickle's protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as err:  # whatever a damaged or foreign file makes the unpickler raise
