@@ -6,6 +6,12 @@ Recall@K on the dev split every epoch and on the test split at the end, and writ
 ``--run-dir``: ``checkpoint.pt`` (latest, atomic, for ``--resume``), ``model_best.pt`` (best dev
 rsum), ``log.csv``, ``curves.png`` and ``results.md``.
 
+Crash safety: every file is replaced atomically, so a run killed at any point (even SIGKILL,
+even mid-write) is continued by ``--resume`` and ends bitwise where an uninterrupted run would
+(timing and memory columns of the log aside); killed before its first checkpoint, it is started
+again without ``--resume``. A damaged, foreign or other-configuration checkpoint is refused
+with a one-line message and nothing in the run dir is touched.
+
 AOQ (``--loss quintuplet``) runs the official two rounds: VSE++ training, offline candidate
 mining with the round-one model (:mod:`vse_cuda.mining`), then AOQ training of a fresh model.
 
