@@ -289,6 +289,18 @@ def test_killed_at_random_points_and_resumed_equals_uninterrupted(tmp_path, refe
     assert_same(load_run(ref_dir), load_run(crasher.run_dir))
 
 
+@pytest.mark.slow
+def test_a_run_started_over_cannot_resume_the_old_one(tmp_path, reference):
+    # --overwrite on a finished run, killed before the new run's first checkpoint: the old
+    # checkpoint must be gone, not left for --resume beside the new run's best model.
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    done = subprocess.run(command(run_dir, "--overwrite"), capture_output=True, text=True,
+                          env=child_env("model_best.pt:1:after"), timeout=HANG_SECONDS)
+    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [train.BEST]
+
+
 # --------------------------------------------------------------------- refused checkpoints
 
 def other_config(path: Path) -> None:

@@ -410,6 +410,12 @@ class Trainer:
                 # at the last epoch, after which nothing would rewrite them): catch them up.
                 write_log(state.history, self.run_dir / LOG)
                 write_plot(state.history, self.run_dir / PLOT)
+            else:
+                # A fresh start (--overwrite, or again after a kill before the first checkpoint):
+                # an older run's checkpoint must not outlive the new run's first writes, or a
+                # kill before the new first checkpoint would let --resume mix the two runs.
+                for name in RUN_FILES:
+                    (self.run_dir / name).unlink(missing_ok=True)
         self._say(f"data: {self.dataset.description}")
         if self.world.size > 1:
             self._say(f"data parallel: {self.world.size} ranks share each global batch of {c.batch_size} pairs")
