@@ -228,9 +228,13 @@ def reference(tmp_path_factory) -> tuple[Path, float, dict[tuple[int, int], floa
         wait_for_setup(proc, log)
         setup = time.monotonic()
         reached = {(0, 0): 0.0}
-        while proc.poll() is None:
-            for line in log.read_text().splitlines():
-                reached.setdefault(milestone(line), time.monotonic() - setup)
+        while True:
+            running = proc.poll() is None
+            for line in log.read_text().splitlines():  # after the exit too: lines of the last poll
+                if milestone(line):
+                    reached.setdefault(milestone(line), time.monotonic() - setup)
+            if not running:
+                break
             time.sleep(0.02)
         reached[None] = time.monotonic() - setup
     assert proc.returncode == 0, log.read_text()
