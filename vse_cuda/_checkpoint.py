@@ -4,9 +4,11 @@ the new complete one, never a half-written mix (write to a temporary file, fsync
 from __future__ import annotations
 
 import os
-import pickle
+import signal
 import tempfile
+import warnings
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +17,22 @@ import torch
 #: Marks files written by this harness; bumped if the layout of the dict changes.
 FORMAT = "vse_cuda.train/1"
 REQUIRED_KEYS = ("format", "config", "model", "epoch")
+#: Temporary files of :func:`atomic_write` are named ``.{name}.{random}{TMP_SUFFIX}``.
+TMP_SUFFIX = ".tmp"
+
+#: Private test hook (python_tests/test_crash_safe.py): ``NAME:N[:after]`` items, comma-separated,
+#: make this process SIGKILL itself at the N-th atomic write of a file named NAME (``*``: any
+#: file) -- before the rename, when the temporary file is complete and the target untouched, or
+#: with ``:after`` just after it. Unset (always, outside that test) it does nothing.
+_KILL_ENV = "_VSE_CUDA_KILL_AT_WRITE"
+_writes: Counter[str] = Counter()
+
+
+def _kill_hook(name: str, when: str) -> None:
+    for item in filter(None, os.environ.get(_KILL_ENV, "").split(",")):
+        target, n, *phase = item.split(":")
+        if target in (name, "*") and _writes[target] == int(n) and (phase or ["before"])[0] == when:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointError(ValueError):
@@ -23,15 +41,22 @@ class CheckpointError(ValueError):
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over
-    ``path`` and fsync the directory, so a crash leaves the old file or the new one."""
+    ``path`` and fsync the directory, so a crash leaves the old file or the new one (and at
+    worst a stray temporary file, which :func:`remove_stale_temporaries` deletes)."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _writes.update((path.name, "*"))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _kill_hook(path.name, "before")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -40,6 +65,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    _kill_hook(path.name, "after")
+
+
+def remove_stale_temporaries(directory: Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files that writes of ``names`` in ``directory`` left behind when
+    their process was killed mid-write (no :func:`atomic_write` of them may be running)."""
+    stale = [p for name in names for p in Path(directory).glob(f".{name}.*{TMP_SUFFIX}")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -48,9 +83,17 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
+def _reason(err: BaseException) -> str:
+    """One line on why torch.load failed (its weights-only errors span paragraphs of advice)."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    return f"{type(err).__name__}: {line[:200]}" if line else type(err).__name__
+
+
 def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, Any]:
     """Load and check a checkpoint holding the ``required`` keys (``weights_only``: no code
-    runs from the file).
+    runs from the file; the zip entries' CRCs are checked first, so a torn or bit-flipped file
+    is refused rather than loaded with wrong numbers).
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or not written by this harness.
@@ -59,9 +102,19 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> di
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err})") from err
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise CheckpointError(f"checkpoint {path} is truncated or corrupt (entry {bad} fails its CRC check)")
+        with warnings.catch_warnings():  # torch's advice on a foreign pickle's protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # whatever a damaged or foreign file makes the unpickler raise
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a torch file ({_reason(err)})") \
+            from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a vse_cuda.train checkpoint (format {FORMAT!r} expected)")
     missing = [k for k in required if k not in state]

@@ -6,6 +6,12 @@ Recall@K on the dev split every epoch and on the test split at the end, and writ
 ``--run-dir``: ``checkpoint.pt`` (latest, atomic, for ``--resume``), ``model_best.pt`` (best dev
 rsum), ``log.csv``, ``curves.png`` and ``results.md``.
 
+Crash safety: every file is replaced atomically, so a run killed at any point (even SIGKILL,
+even mid-write) is continued by ``--resume`` and ends bitwise where an uninterrupted run would
+(timing and memory columns of the log aside); killed before its first checkpoint, it is started
+again without ``--resume``. A damaged, foreign or other-configuration checkpoint is refused
+with a one-line message and nothing in the run dir is touched.
+
 AOQ (``--loss quintuplet``) runs the official two rounds: VSE++ training, offline candidate
 mining with the round-one model (:mod:`vse_cuda.mining`), then AOQ training of a fresh model.
 
@@ -47,7 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import losses
-from ._checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from ._checkpoint import CheckpointError, atomic_write, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .data import CAPTIONS_PER_IMAGE, Dataset, DataError, SyntheticConfig, epoch_order, load_vse_dataset, \
     synthetic_dataset
 from .evaluate import METRICS, embed_split, format_table, recall_at_k, recall_table
@@ -59,6 +65,8 @@ LOSSES = ("triplet", "unified", "quintuplet", "goal")
 RESUMABLE_CHANGES = ("epochs", "threads")
 CHECKPOINT, BEST, LOG, PLOT, RESULTS = "checkpoint.pt", "model_best.pt", "log.csv", "curves.png", "results.md"
 CANDIDATES = "aoq_candidates.pt"
+#: Every file the harness writes into the run dir (all through atomic_write).
+RUN_FILES = (CHECKPOINT, BEST, LOG, PLOT, RESULTS, CANDIDATES)
 LOG_FIELDS = ("round", "epoch", "loss", "lr", "train_loss", "steps", "seconds", "ms_per_step", "peak_rss_mib",
               *(f"dev_{m}" for m in METRICS))
 T = TypeVar("T")
@@ -337,6 +345,8 @@ class Trainer:
         ckpt = None
         path = self.run_dir / CHECKPOINT
         if resume:
+            if not path.exists():
+                raise CheckpointError(f"no checkpoint at {path} to resume from: start without --resume")
             ckpt = load_checkpoint(path)
             saved = ckpt["config"]
             if given is not None:
@@ -393,6 +403,19 @@ class Trainer:
         c = self.config
         if self.world.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # A process killed mid-write leaves its temporary file; the run's own writes start now.
+            remove_stale_temporaries(self.run_dir, RUN_FILES)
+            if state.history:
+                # Killed after the checkpoint's rename but before the log's or plot's (maybe
+                # at the last epoch, after which nothing would rewrite them): catch them up.
+                write_log(state.history, self.run_dir / LOG)
+                write_plot(state.history, self.run_dir / PLOT)
+            else:
+                # A fresh start (--overwrite, or again after a kill before the first checkpoint):
+                # an older run's checkpoint must not outlive the new run's first writes, or a
+                # kill before the new first checkpoint would let --resume mix the two runs.
+                for name in RUN_FILES:
+                    (self.run_dir / name).unlink(missing_ok=True)
         self._say(f"data: {self.dataset.description}")
         if self.world.size > 1:
             self._say(f"data parallel: {self.world.size} ranks share each global batch of {c.batch_size} pairs")
@@ -404,6 +427,11 @@ class Trainer:
             self._mine_candidates()
             state.round, state.epoch, state.best_rsum = state.round + 1, 0, float("-inf")
             self._new_round(state.round)
+            if self.world.main:
+                # Round two's first epoch replaces model_best.pt before its checkpoint: resuming
+                # from round one's last checkpoint then would mine with round two's model.
+                # Checkpointing the new round's start makes a resume load the mined lists instead.
+                save_checkpoint(self._payload(state, full=True), self.run_dir / CHECKPOINT)
         return self._final_test()
 
     def _epoch(self, state: RunState) -> None:
@@ -543,6 +571,9 @@ class Trainer:
 
         c, split = self.config, self.dataset.train
         best = load_checkpoint(self.run_dir / BEST)
+        if best.get("round") != 1:
+            raise CheckpointError(f"{self.run_dir / BEST} holds round {best.get('round')}'s model, but AOQ mines with "
+                                  f"round 1's: restart the run with --overwrite")
         self.model.load_state_dict(best["model"])
         img, cap = embed_split(self.model, split, autocast=c.precision == "bf16")
         cap_to_img = torch.arange(split.num_images).repeat_interleave(CAPTIONS_PER_IMAGE)
@@ -572,7 +603,9 @@ class Trainer:
                               "installation lacks")
 
     def _load_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ckpt = load_checkpoint(self.run_dir / CANDIDATES, required=("config", "i2t", "t2i"))
+        path = self.run_dir / CANDIDATES
+        ckpt = load_checkpoint(path, required=("config", "i2t", "t2i"))
+        _check_same_config(path, ckpt["config"], asdict(self.config))
         return ckpt["i2t"], ckpt["t2i"]
 
     # --- outputs
