@@ -594,3 +594,41 @@ def test_bad_input(case, backend, fresh_run, group, reference):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------- the ops' own index lists (torch.ops level)
+
+def _mined_backward_calls(ops, index_fill: int):
+    """Each mined loss's backward op called directly with its forward's saved state, but with
+    one entry of row_index replaced by `index_fill`. Yields (op name, thunk)."""
+    g = torch.Generator().manual_seed(0)
+    img, txt, *offline = (torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(6))
+    none, one = torch.empty(0, dtype=torch.int64), torch.ones((), dtype=torch.float64)
+
+    def bad(index):
+        index = index.clone()
+        index[2, 0] = index_fill
+        return index
+
+    _, rs, cs, ri, ci = ops.triplet_forward(img, txt, none, 0.2, "hardest", 1, 0, 6, 6, 6)
+    yield "triplet_backward", lambda: ops.triplet_backward(one, img, txt, none, 0.2, "hardest", rs, cs, bad(ri), ci,
+                                                             0, 6, 6, 6)
+    _, saved, ri, ci = ops.quintuplet_forward(img, txt, *offline, none, 0.2, 0.0, 0.3, 1.5, False, 0, 6, 6, 6)
+    yield "quintuplet_backward", lambda: ops.quintuplet_backward(one, img, txt, *offline, saved, bad(ri), ci)
+    _, rs, cs, ri, ci = ops.goal_forward(img, txt, none, "nca", "sig_ms", 1.0, 2.0, 10.0, 0.5, 0, 6, 6, 6)
+    yield "goal_backward", lambda: ops.goal_backward(one, img, txt, rs, cs, bad(ri), ci)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("index_fill", [6, 99, -2, -(2**40)])
+def test_backward_ops_refuse_out_of_range_indices(backend, index_fill):
+    """The backward ops are public (torch.ops.vse_cuda.*), so their index lists may come from a
+    caller instead of the forward: an entry outside {-1} ∪ [0, N) raises instead of reading
+    and writing out of bounds. -1 (an empty slot) stays valid."""
+    ops = torch.ops.vse_cuda if backend == "cpu" else _lib.simt_ops()
+    for name, call in _mined_backward_calls(ops, index_fill):
+        with pytest.raises(RuntimeError, match=r"row_index must hold -1 or indices in \[0, 6\)"):
+            call()
+    for name, call in _mined_backward_calls(ops, -1):
+        grads = call()
+        assert all(torch.isfinite(grad).all() for grad in grads), name

@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -327,6 +328,16 @@ inline Groups group_by_index(const at::Tensor& index, const at::Tensor& weight) 
 // output row sums its entries in a fixed order: O(N·k·D), no GEMM, no atomics. a, b: [N, D];
 // index [N, k] int64; weights and diagonal in a's dtype (float or double). Returns (dA, dB)
 // in that dtype.
+// Every listed index is −1 (an empty slot) or in [0, bound), a row of the other side. The backward
+// ops are public, so lists may come from callers, not only from a forward: an index out of
+// range would read and write out of bounds. _assert_async checks on the device (no host sync
+// on CUDA; there a failure is a device-side assert) in O(N·k), beside the O(N·k·D) gather.
+inline void check_listed_indices(const at::Tensor& index, int64_t bound, const char* name) {
+  const std::string message =
+      std::string("sparse_backward: ") + name + " must hold -1 or indices in [0, " + std::to_string(bound) + ")";
+  at::_assert_async(index.ge(-1).logical_and(index.lt(bound)).all(), message);
+}
+
 template <class Engine>
 std::tuple<at::Tensor, at::Tensor> sparse_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
                                                    const at::Tensor& row_index, const at::Tensor& row_weight,
@@ -337,6 +348,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_backward(const at::Tensor& grad, const
   const auto rw = row_weight.contiguous(), cw = col_weight.contiguous(), dg = diagonal.contiguous();
   TORCH_CHECK(a.size(0) <= std::numeric_limits<int32_t>::max(), "sparse_backward: at most 2^31-1 pairs");
   TORCH_CHECK(col_index.size(1) == row_index.size(1), "sparse_backward: row and column lists differ in width");
+  check_listed_indices(ri, b_.size(0), "row_index");
+  check_listed_indices(ci, a_.size(0), "col_index");
   const auto g = grad.to(a_.options());
   // dA_i gathers B over row i of G: its own list, and the column lists that name row i.
   const auto by_row = group_by_index(ci, cw);
