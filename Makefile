@@ -60,6 +60,7 @@ SANITIZE_PYTEST = $(PY) -m pytest python_tests -q -p no:cacheprovider --capture=
 
 # $(call sanitize_build,folder,sanitizers,targets)
 define sanitize_build
+	mkdir -p $(1)
 	cmake -S . -B $(1) -DPython_EXECUTABLE=$(abspath $(PY)) -DVSE_WITH_CUDA=OFF \
 	      -DVSE_SANITIZE=$(2) > $(1)-configure.log
 	cmake --build $(1) --target $(3) --parallel $(SANITIZE_JOBS)
