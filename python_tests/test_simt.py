@@ -409,7 +409,8 @@ def test_tsan_reports_missing_syncthreads():
     library = os.environ.get("VSE_SIMT_LIBRARY")
     assert library, "VSE_SANITIZER=thread but VSE_SIMT_LIBRARY does not name the TSan build"
     # The library is instrumented (its calls into the TSan runtime are in its symbol table)...
-    assert b"__tsan_func_entry" in Path(library).read_bytes(), f"{library} is not a TSan build"
+    instrumented = b"__tsan_func_entry" in Path(library).read_bytes()
+    assert instrumented, f"{library} is not a TSan build"
     source = Path(__file__).resolve().parents[1] / "csrc" / "simt" / "selftest.cu"
     race_line = next(i for i, text in enumerate(source.read_text().splitlines(), 1)
                      if "if (t < 2) word = v;" in text)
