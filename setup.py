@@ -4,7 +4,7 @@ Environment switches:
   VSE_CUDA=auto|0|1   compile the CUDA kernels with nvcc: auto (default) when a toolkit is found,
                       0 forces a CPU-only build (fast local loop), 1 requires CUDA (CI)
   VSE_SIMT=1|0        build the test-only SIMT library `_simt` (default 1)
-  VSE_SANITIZE=...    sanitizers for `_simt`, e.g. "address,undefined"
+  VSE_SANITIZE=...    sanitizers for `_C` and `_simt`, e.g. "address,undefined" or "thread"
   CUDA_HOME           toolkit root; default /usr/local/cuda, else found from the real nvcc
   TORCH_CUDA_ARCH_LIST  e.g. "8.0;9.0" (the default)
   MAX_JOBS            parallel compile jobs (default: number of cores)

@@ -4,7 +4,11 @@ Every kernel is checked element by element against plain torch; values are chose
 expected results are exact (small integers in float), so any executor bug shows as a mismatch.
 """
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,3 +375,59 @@ def test_threads_env_validation(ops, monkeypatch):
     sums, _ = ops.selftest_block_sum(torch.ones(5000), 128)
     assert torch.equal(sums, _padded(torch.ones(5000), 40, 128).sum(1))
     assert _stats(ops)["workers"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# (8) ThreadSanitizer reports a missing __syncthreads: in fault_kernel mode 9 two threads of a
+# block write one __shared__ word with no barrier between them; mode 0 (the control) is correct.
+# Only in `make sanitize-thread`, which loads the TSan build of _simt (VSE_SIMT_LIBRARY), preloads
+# libtsan and sets VSE_SANITIZER=thread. Each mode runs in a subprocess: TSan halts on the first
+# report (halt_on_error=1), which would end this pytest process.
+_RACE_SCRIPT = """
+import sys, torch
+from vse_cuda import _lib
+maps = open("/proc/self/maps").read()
+print("tsan runtime:", "loaded" if "libtsan" in maps else "missing", flush=True)
+out = _lib.simt_ops().selftest_fault(torch.empty(0), int(sys.argv[1]), 1, 64)
+print("result:", out[:4].tolist(), flush=True)
+"""
+_TSAN_EXIT_CODE = 66
+
+
+def _run_fault_under_tsan(mode):
+    env = dict(os.environ)
+    env["TSAN_OPTIONS"] = env.get("TSAN_OPTIONS", "") + f":halt_on_error=1:exitcode={_TSAN_EXIT_CODE}"
+    # A hang guard only (a normal run takes seconds); no test asserts on time.
+    return subprocess.run([sys.executable, "-c", _RACE_SCRIPT, str(mode)], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.skipif(os.environ.get("VSE_SANITIZER") != "thread",
+                    reason="needs the ThreadSanitizer build of _simt; runs in `make sanitize-thread` "
+                           "(VSE_SANITIZER=thread)")
+def test_tsan_reports_missing_syncthreads():
+    library = os.environ.get("VSE_SIMT_LIBRARY")
+    assert library, "VSE_SANITIZER=thread but VSE_SIMT_LIBRARY does not name the TSan build"
+    # The library is instrumented (its calls into the TSan runtime are in its symbol table)...
+    instrumented = b"__tsan_func_entry" in Path(library).read_bytes()
+    assert instrumented, f"{library} is not a TSan build"
+    source = Path(__file__).resolve().parents[1] / "csrc" / "simt" / "selftest.cu"
+    race_line = next(i for i, text in enumerate(source.read_text().splitlines(), 1)
+                     if "if (t < 2) word = v;" in text)
+
+    control = _run_fault_under_tsan(0)
+    # ...and the runtime runs in the subprocess, so a clean control means no race was seen.
+    assert "tsan runtime: loaded" in control.stdout, control.stdout + control.stderr
+    assert control.returncode == 0, control.stderr
+    assert "ThreadSanitizer" not in control.stderr, control.stderr
+    assert "result: [84, 86, 88, 90]" in control.stdout, control.stdout
+
+    race = _run_fault_under_tsan(9)
+    report = race.stderr
+    assert "tsan runtime: loaded" in race.stdout, race.stdout + report
+    assert "WARNING: ThreadSanitizer: data race" in report, report
+    assert race.returncode == _TSAN_EXIT_CODE, report
+    # Both accesses are the unsynchronized write, in fault_kernel, by two CUDA threads.
+    assert re.search(r"fault_kernel[^\n]*selftest\.cu:%d" % race_line, report), report
+    assert len(re.findall(r"selftest\.cu:%d" % race_line, report)) >= 2, report
+    assert re.search(r"CUDA thread 0\b", report) and re.search(r"CUDA thread 1\b", report), report

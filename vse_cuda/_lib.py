@@ -22,6 +22,12 @@ _active_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("vs
 
 
 def _load_product() -> None:
+    """Loads the product library: `vse_cuda._C`, or the file named by VSE_C_LIBRARY (how
+    `make test` swaps in the build with sanitizers)."""
+    override = os.environ.get("VSE_C_LIBRARY")
+    if override:
+        torch.ops.load_library(override)
+        return
     try:
         importlib.import_module("vse_cuda._C")
     except ImportError as error:  # pragma: no cover - exercised only on broken installs

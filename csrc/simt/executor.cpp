@@ -8,6 +8,8 @@
 //    VSE_SIMT_STACK_KB). A fiber runs until it blocks at a barrier or warp op, or exits; the
 //    next runnable fiber (FIFO order) takes over. Completing a barrier or warp op makes its
 //    waiters runnable in thread order. So a block's schedule depends on nothing but the code.
+//  - VSE_SIMT_KERNEL_LOG=<file>: every launch appends the kernel's name to the file (which
+//    kernels a test selection runs; see the Makefile's sanitize-thread).
 //  - Errors (invalid sync, deadlock, anything thrown by kernel code) abort the block; the
 //    error of the lowest failing block is rethrown by simt::launch after all workers stopped
 //    (blocks after it are not started), so the reported error is deterministic too.
@@ -871,6 +873,18 @@ unsigned long env_number(const char* name, unsigned long dflt, unsigned long lo,
 std::mutex stats_mu;
 LaunchStats stats_last;
 
+// VSE_SIMT_KERNEL_LOG: one line per launch, the kernel's name.
+void log_kernel(const void* kernel) {
+  const char* path = std::getenv("VSE_SIMT_KERNEL_LOG");
+  if (!path || !*path) return;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  if (FILE* f = std::fopen(path, "a")) {
+    std::fprintf(f, "%s\n", kernel_name(kernel).c_str());
+    std::fclose(f);
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -1110,6 +1124,7 @@ void launch_impl(dim3 grid, dim3 block, size_t dynamic_smem_bytes, BodyFn fn, co
   const unsigned threads = static_cast<unsigned>(
       env_number("VSE_SIMT_THREADS", kDefaultThreads, 1, kMaxThreads));
   const size_t stack_kib = env_number("VSE_SIMT_STACK_KB", kDefaultStackKiB, 64, 1u << 20);
+  log_kernel(kernel);
 
   Launch L;
   L.grid = grid;
