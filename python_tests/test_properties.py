@@ -5,10 +5,11 @@ GPU exists).
 Each example draws the sizes N, M, D (small ranges that include 1, 2 and primes), the dtype
 (float64 at TOL's tight tolerance, float32, bfloat16, float16 at TOL's), a label pattern (none,
 all distinct, heavy duplication, pairs, all equal), reduction, normalize, chunk_size (none, a
-divisor of N, any size up to N + 2), the op's hyper-parameters within their documented ranges,
-the upstream gradient (GOAL scales its injected gradient by it), the function or its module,
-contiguous or column-major inputs, and a seed for the entries. The engine at the drawn dtype is compared with the oracle in float64 on the same (exactly upcast)
-inputs, rounded to that dtype.
+divisor of N, any size up to N + 2) and the tiles' width (through the memory budget), the op's
+hyper-parameters within their documented ranges, the upstream gradient (GOAL scales its
+injected gradient by it), the function or its module, contiguous or column-major inputs, and
+a seed for the entries. The engine at the drawn dtype is compared with the oracle in float64 on
+the same (exactly upcast) inputs, rounded to that dtype.
 
 Mining decisions (hardest / top-k negatives, hinges at 0, GOAL's relative-similarity sets)
 are discontinuous: at a near-tie a rounding difference flips them, and the gradient with them.
@@ -30,6 +31,9 @@ the draws that reproduce it.
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -37,6 +41,7 @@ from hypothesis import strategies as st
 
 import vse_cuda
 from vse_cuda import reference as ref
+from vse_cuda._chunking import plan_chunks, score_bytes
 
 from _loss_cases import CUDA_BACKEND, TOL, assert_close, grid_inputs, loss_and_grads, make_labels
 from conftest import hypothesis_examples
@@ -67,6 +72,27 @@ def draw_size(data, limit: int, label: str) -> int:
 def draw_chunk(data, n: int) -> int | None:
     divisors = [c for c in range(1, n + 1) if n % c == 0]
     return data.draw(st.one_of(st.none(), st.sampled_from(divisors), st.integers(1, n + 2)), label="chunk_size")
+
+
+@contextlib.contextmanager
+def tile_columns(cols: int | None):
+    """The engine's tiles `cols` columns wide, through the memory budget that gives them (None:
+    the default budget, whole rows at these sizes). Narrower tiles happen at scale, where one
+    row chunk of S exceeds the budget; they merge each row's state across column tiles."""
+    if cols is None:
+        yield
+        return
+
+    def plan(n, m, dtype, row_chunk=None):
+        rows = plan_chunks(n, m, dtype, row_chunk).rows
+        return plan_chunks(n, m, dtype, row_chunk, budget=cols * rows * score_bytes(dtype))
+
+    with mock.patch.object(vse_cuda.losses, "plan_chunks", plan), mock.patch.object(vse_cuda.topk, "plan_chunks", plan):
+        yield
+
+
+def draw_columns(data, m: int) -> int | None:
+    return data.draw(st.one_of(st.none(), st.integers(1, m)), label="tile columns")
 
 
 def draw_margin(data, label: str = "margin") -> float:
@@ -131,12 +157,12 @@ def draw_common(data, backend: str, sizes: dict, count: int = 2, smooth: bool = 
     device = torch.device("cuda" if backend == "cuda" else "cpu")
     options = dict(labels=None if labels is None else labels.to(device), normalize=normalize,
                    reduction=data.draw(st.sampled_from(["sum", "mean"]), label="reduction"))
-    chunk = draw_chunk(data, n)
+    tiles = draw_chunk(data, n), draw_columns(data, n)
     upstream = data.draw(st.sampled_from(UPSTREAM), label="upstream gradient")
     inputs = [x.to(device) for x in inputs]
     if data.draw(st.booleans(), label="column-major inputs"):  # non-contiguous, same values
         inputs = [x.T.contiguous().T for x in inputs]
-    return inputs, dtype, options, chunk, upstream
+    return inputs, dtype, options, tiles, upstream
 
 
 # ------------------------------------------------------------------------------- comparison
@@ -145,15 +171,16 @@ MODULES = {vse_cuda.triplet_loss: vse_cuda.TripletLoss, vse_cuda.unified_loss: v
            vse_cuda.quintuplet_loss: vse_cuda.QuintupletLoss, vse_cuda.goal_loss: vse_cuda.GoalLoss}
 
 
-def ours(data, fn, backend: str, upstream: float, **options):
-    """The loss function or its module (drawn) on `backend`; the factor is the grad_output its
-    backward receives."""
+def ours(data, fn, backend: str, upstream: float, tiles: tuple, **options):
+    """The loss function or its module (drawn) on `backend` with `tiles` = (chunk_size, tile
+    columns); the factor is the grad_output its backward receives."""
+    options["chunk_size"] = tiles[0]
     module = None
     if data.draw(st.booleans(), label="as module"):
         module = MODULES[fn](**{k: v for k, v in options.items() if k != "labels"})
 
     def loss(*inputs):
-        with vse_cuda.use_backend(backend):
+        with vse_cuda.use_backend(backend), tile_columns(tiles[1]):
             if module is None:
                 return upstream * fn(*inputs, **options)
             return upstream * module(*inputs, labels=options["labels"])
@@ -244,8 +271,9 @@ def topk_property(data, backend, sizes):
         labels, candidates = {}, m
     k = data.draw(st.integers(1, candidates), label="k")
     chunk = draw_chunk(data, n)
+    columns = draw_columns(data, m)
     device = torch.device("cuda" if backend == "cuda" else "cpu")
-    with vse_cuda.use_backend(backend):
+    with vse_cuda.use_backend(backend), tile_columns(columns):
         values, indices = vse_cuda.topk_similar(queries.to(device), keys.to(device), k, normalize=normalize,
                                                 chunk_size=chunk, **{k_: v.to(device) for k_, v in labels.items()})
     want_values, want_indices = ref.topk_similar(queries.double(), keys.double(), k, normalize=normalize, **labels)
@@ -273,13 +301,13 @@ def test_topk_similar_large(backend, data):
 # ------------------------------------------------------------------------------------ triplet
 
 def triplet_property(data, backend, sizes):
-    inputs, dtype, options, chunk, upstream = draw_common(data, backend, sizes)
+    inputs, dtype, options, tiles, upstream = draw_common(data, backend, sizes)
     n = inputs[0].size(0)
     options["margin"] = draw_margin(data)
     options["mining"] = data.draw(st.sampled_from(["hardest", "all", "topk"]), label="mining")
     if options["mining"] == "topk":  # k > N is allowed: fewer negatives exist than asked for
         options["k"] = data.draw(st.integers(1, n + 1), label="k")
-    check_against_oracle(ours(data, vse_cuda.triplet_loss, backend, upstream, chunk_size=chunk, **options),
+    check_against_oracle(ours(data, vse_cuda.triplet_loss, backend, upstream, tiles, **options),
                          oracle(ref.triplet_loss, upstream, **options), inputs, dtype)
 
 
@@ -300,7 +328,7 @@ def test_triplet_loss_large(backend, data):
 # ------------------------------------------------------------------------------------ unified
 
 def unified_property(data, backend, sizes):
-    inputs, dtype, options, chunk, upstream = draw_common(data, backend, sizes, smooth=True)
+    inputs, dtype, options, tiles, upstream = draw_common(data, backend, sizes, smooth=True)
     options["scale"] = data.draw(st.floats(0.05, 100.0), label="scale")
     options["margin"] = data.draw(st.floats(0.0, 1.0), label="margin")
     img, txt = (x.double().cpu() for x in inputs)
@@ -315,7 +343,7 @@ def unified_property(data, backend, sizes):
     labels = None if options["labels"] is None else options["labels"].cpu()
     G, = torch.autograd.grad(upstream * ref.unified_loss_from_similarity(
         S, scale=options["scale"], margin=options["margin"], labels=labels, reduction=options["reduction"]), S)
-    check_against_oracle(ours(data, vse_cuda.unified_loss, backend, upstream, chunk_size=chunk, **options),
+    check_against_oracle(ours(data, vse_cuda.unified_loss, backend, upstream, tiles, **options),
                          oracle(ref.unified_loss, upstream, **options), inputs, dtype,
                          scale=gradient_terms(G, *(x.cpu() for x in inputs), options["normalize"]), tol=tol)
 
@@ -337,13 +365,13 @@ def test_unified_loss_large(backend, data):
 # --------------------------------------------------------------------------------- quintuplet
 
 def quintuplet_property(data, backend, sizes):
-    inputs, dtype, options, chunk, upstream = draw_common(data, backend, sizes, count=6)
+    inputs, dtype, options, tiles, upstream = draw_common(data, backend, sizes, count=6)
     options["margin_online"] = draw_margin(data, "margin_online")
     options["margin_offline"] = draw_margin(data, "margin_offline")
     options["alpha"] = data.draw(st.floats(0.05, 2.0), label="alpha")
     options["beta"] = data.draw(st.floats(-1.0, 3.0), label="beta")
     options["detach_weights"] = data.draw(st.booleans(), label="detach_weights")
-    check_against_oracle(ours(data, vse_cuda.quintuplet_loss, backend, upstream, chunk_size=chunk, **options),
+    check_against_oracle(ours(data, vse_cuda.quintuplet_loss, backend, upstream, tiles, **options),
                          oracle(ref.quintuplet_loss, upstream, **options), inputs, dtype)
 
 
@@ -364,7 +392,7 @@ def test_quintuplet_loss_large(backend, data):
 # --------------------------------------------------------------------------------------- GOAL
 
 def goal_property(data, backend, sizes):
-    inputs, dtype, options, chunk, upstream = draw_common(data, backend, sizes)
+    inputs, dtype, options, tiles, upstream = draw_common(data, backend, sizes)
     # |S| <= 4: in float32 the sig_ms weights overflow for large similarities (being fixed in
     # csrc/common/goal.h); halving keeps the inputs exact.
     img, txt = inputs
@@ -377,7 +405,7 @@ def goal_property(data, backend, sizes):
                    a=data.draw(st.floats(0.5, 8.0), label="a"),
                    b=data.draw(st.floats(1.0, 12.0), label="b"),
                    lam=data.draw(st.floats(-0.5, 1.0), label="lam"))
-    check_against_oracle(ours(data, vse_cuda.goal_loss, backend, upstream, chunk_size=chunk, **options),
+    check_against_oracle(ours(data, vse_cuda.goal_loss, backend, upstream, tiles, **options),
                          oracle(ref.goal_loss, upstream, **options), (img, txt), dtype)
 
 
