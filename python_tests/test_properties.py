@@ -52,8 +52,8 @@ SLOW = settings(max_examples=hypothesis_examples("slow"))
 #: Largest N (and M) and D per backend: small enough that an example takes milliseconds, the
 #: executor's (one CPU fiber per GPU thread) smaller still.
 SMALL = {"cpu": (40, 12), "simt": (24, 12), "cuda": (40, 12)}
-LARGE = {"cpu": (130, 48), "simt": (64, 24), "cuda": (130, 48)}
-PRIMES = (2, 3, 5, 7, 11, 13, 17, 23, 31, 37, 61, 127)
+LARGE = {"cpu": (96, 32), "simt": (48, 16), "cuda": (96, 32)}
+PRIMES = (2, 3, 5, 7, 11, 13, 17, 23, 31, 37, 47, 61, 89)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 LABEL_KINDS = (None, "distinct", "random", "pairs", "same")
@@ -258,8 +258,9 @@ def topk_property(data, backend, sizes):
     n, m, d = draw_size(data, max_n, "N"), draw_size(data, max_n, "M"), draw_size(data, max_d, "D")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     normalize = data.draw(st.booleans(), label="normalize")
-    queries = draw_inputs(data, n, d, dtype, normalize, count=1)[0]
-    keys = draw_inputs(data, m, d, dtype, normalize, count=1)[0]
+    # One kind for both: Gaussian queries against grid keys would tie exactly (duplicate keys)
+    # in values that are not exact, where GEMMs of different shapes round differently.
+    queries, keys = draw_inputs(data, n + m, d, dtype, normalize, count=1)[0].split([n, m])
     ids = data.draw(st.one_of(st.none(), st.integers(1, max(n, m))), label="label ids")
     labels = {}
     if ids is not None:
