@@ -47,7 +47,7 @@ def on_backend(backend):
 # --hypothesis-profile names another; "sanitize" keeps the simt reruns under ASan/TSan short.
 # Every profile is derandomized and database-less, so each run tries the same examples.
 HYPOTHESIS_EXAMPLES = {
-    "ci": {"default": 300, "slow": 500},
+    "ci": {"default": 300, "slow": 1000},
     "sanitize": {"default": 15, "slow": 15},
 }
 for _name, _counts in HYPOTHESIS_EXAMPLES.items():
