@@ -51,9 +51,9 @@ build: $(VENV)/.requirements
 # VSE_SANITIZER tells the tests which sanitizer is active (test_simt.py's race test needs TSan).
 sanitize-test: sanitize-address sanitize-thread
 
-# Extra pytest arguments of every sanitizer run, e.g. a hypothesis profile:
-#   make sanitize-test SANITIZE_PYTEST_ARGS=--hypothesis-profile=sanitize
-SANITIZE_PYTEST_ARGS ?=
+# Extra pytest arguments of every sanitizer run: the property tests' "sanitize" profile draws
+# fewer examples (python_tests/conftest.py), as every example runs several times slower there.
+SANITIZE_PYTEST_ARGS ?= --hypothesis-profile=sanitize
 SANITIZE_JOBS ?= $(shell nproc)
 # --capture=sys: a report goes to the real stderr; with fd capture a halting report is lost.
 SANITIZE_PYTEST = $(PY) -m pytest python_tests -q -p no:cacheprovider --capture=sys $(SANITIZE_PYTEST_ARGS)
