@@ -394,8 +394,8 @@ def test_quintuplet_loss_large(backend, data):
 
 def goal_property(data, backend, sizes):
     inputs, dtype, options, tiles, upstream = draw_common(data, backend, sizes)
-    # |S| <= 4: in float32 the sig_ms weights overflow for large similarities (being fixed in
-    # csrc/common/goal.h); halving keeps the inputs exact.
+    # |S| <= 4: sig_ms's exact weight e^{b(N−λ)} leaves float32's range for large similarities
+    # (goal_loss's docstring; here b(N−λ) <= 54); halving keeps the inputs exact.
     img, txt = inputs
     while float((img.double() @ txt.double().T).abs().max()) > 4 and not options["normalize"]:
         img, txt = img / 2, txt / 2
