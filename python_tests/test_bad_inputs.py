@@ -2,6 +2,9 @@
 public API, each expected to raise ValueError/TypeError (RuntimeError where the environment,
 not an argument, is at fault) with a message that names the argument.
 
+Sparse and other non-strided layouts are refused by name (category "layout"); ints beyond
+int64 are refused as out of range rather than failing in the dispatcher's argument cast.
+
 Covered: vse_cuda.similarity, topk_similar, triplet_loss, unified_loss, quintuplet_loss,
 goal_loss; TripletLoss, UnifiedLoss, QuintupletLoss, GoalLoss (__init__ keywords and forward);
 vse_cuda.mining.offline_candidates and sample_offline_negatives;
@@ -175,6 +178,16 @@ CASES: list[Case] = [
     C("topk/enum/progress-str", lambda g: topk(emb(), emb(), 1, progress="no"), T, "progress must be a bool"),
     C("topk/enum/normalize-int", lambda g: topk(emb(), emb(), 1, normalize=1), T, "normalize must be a bool"),
     C("topk/count/chunk-size-zero", lambda g: topk(emb(), emb(), 1, chunk_size=0), V, "chunk_size must be >= 1"),
+    C("topk/k/above-int64", lambda g: topk(emb(), emb(), 2**63), V, r"\bk must be in \[1, 4\]"),
+    C("topk/count/chunk-size-above-int64", lambda g: topk(emb(), emb(), 1, chunk_size=2**64), V,
+      r"chunk_size must be <= 2\*\*63 - 1"),
+    C("topk/layout/keys-sparse-coo", lambda g: topk(emb(), emb().to_sparse(), 1), T,
+      r"\bkeys must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+    C("topk/layout/key-labels-sparse", lambda g: topk(emb(), emb(), 1, query_labels=ids(),
+                                                      key_labels=ids().to_sparse()), T,
+      r"key_labels must be a dense \(strided\) tensor"),
+    C("similarity/layout/a-sparse-csr", lambda g: sim(emb().to_sparse_csr(), emb()), T,
+      r"\ba must be a dense \(strided\) tensor, got layout torch.sparse_csr"),
 
     # --- triplet_loss
     C("triplet/rank/img-3d", lambda g: trip(emb()[None], emb()[None]), V, r"\bimg must be 2-D"),
@@ -201,6 +214,18 @@ CASES: list[Case] = [
     C("triplet/enum/reduction-none", lambda g: trip(emb(), emb(), reduction="none"), V, "reduction must be one of"),
     C("triplet/k/zero-topk", lambda g: trip(emb(), emb(), mining="topk", k=0), V, r"\bk must be >= 1"),
     C("triplet/k/float", lambda g: trip(emb(), emb(), mining="topk", k=2.0), T, r"\bk must be an int"),
+    C("triplet/k/above-int64", lambda g: trip(emb(), emb(), mining="topk", k=2**63), V,
+      r"\bk must be <= 2\*\*63 - 1"),
+    C("triplet/k/above-int64-hardest", lambda g: trip(emb(), emb(), k=2**70), V, r"\bk must be <= 2\*\*63 - 1"),
+    C("triplet/layout/img-sparse-coo", lambda g: trip(emb().to_sparse(), emb().to_sparse()), T,
+      r"\bimg must be a dense \(strided\) tensor"),
+    C("triplet/layout/labels-sparse", lambda g: trip(emb(), emb(), labels=ids().to_sparse()), T,
+      r"\blabels must be a dense \(strided\) tensor"),
+    C("triplet/finite/margin-bool", lambda g: trip(emb(), emb(), margin=True), T, "margin must be a real number"),
+    C("triplet/finite/margin-numpy-bool", lambda g: trip(emb(), emb(), margin=np.bool_(False)), T,
+      "margin must be a real number"),
+    C("triplet/finite/margin-numpy-nan", lambda g: trip(emb(), emb(), margin=np.float32("nan")), V,
+      "margin must be finite"),
     C("triplet/finite/margin-nan", lambda g: trip(emb(), emb(), margin=NAN), V, "margin must be finite"),
     C("triplet/count/chunk-size-float", lambda g: trip(emb(), emb(), chunk_size=2.0), T, "chunk_size must be an int"),
     C("triplet/group/str", lambda g: trip(emb(), emb(), group="WORLD"), T,
@@ -236,6 +261,10 @@ CASES: list[Case] = [
       "detach_weights must be a bool"),
     C("quintuplet/requires-grad/labels-float", lambda g: quin(*six(), labels=float_ids_requiring_grad()), T,
       "labels must be int64"),
+    C("quintuplet/layout/txt2-sparse", lambda g: quin(*six(txt2=emb().to_sparse())), T,
+      r"\btxt2 must be a dense \(strided\) tensor"),
+    C("unified/finite/scale-numpy-inf", lambda g: uni(emb(), emb(), scale=np.float64("inf")), V,
+      "scale must be finite"),
     C("quintuplet/group/non-member", lambda g: quin(*six(), group=NON_MEMBER), V,
       "group: this process is not a member"),
 
@@ -291,6 +320,9 @@ CASES: list[Case] = [
     C("offline_candidates/k/k_i2t-above-candidates", lambda g: oc(k_i2t=7), V, r"k_i2t must be in \[1, 6\]"),
     C("offline_candidates/k/k_t2i-zero", lambda g: oc(k_t2i=0), V, r"k_t2i must be in \[1, 3\]"),
     C("offline_candidates/k/k_i2t-float", lambda g: oc(k_i2t=2.0), T, "k_i2t must be an int"),
+    C("offline_candidates/k/k_i2t-above-int64", lambda g: oc(k_i2t=2**63), V, r"k_i2t must be in \[1, 6\]"),
+    C("offline_candidates/layout/cap_emb-sparse", lambda g: oc(cap=emb(8, seed=1).to_sparse()), T,
+      r"cap_emb must be a dense \(strided\) tensor"),
     C("offline_candidates/enum/progress-str", lambda g: oc(progress="no"), T, "progress must be a bool"),
     C("offline_candidates/count/chunk-size-negative", lambda g: oc(chunk_size=-1), V, "chunk_size must be >= 1"),
 
