@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     from .data import DataError
 
     try:
+        if args.out is not None:  # before the work, so a bad path costs none of it
+            _check_out_file(args.out)
         ckpt = load_checkpoint(args.checkpoint)
         config = train.Config(**ckpt["config"])
         if args.data is not None:
@@ -188,8 +190,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
           f"{split.num_captions} captions")
     print(text)
     if args.out is not None:
-        args.out.write_text(text + "\n")
+        try:
+            args.out.write_text(text + "\n")
+        except OSError as err:
+            sys.exit(f"python -m vse_cuda.evaluate: error: --out {args.out}: cannot write it ({err.strerror or err})")
     return table
+
+
+def _check_out_file(out: Path) -> None:
+    """``--out`` must name a file that can be written: not a directory, in an existing
+    writable directory."""
+    import os
+
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the file to write the table to")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: the directory {parent} does not exist (or is not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out} is not writable")
 
 
 if __name__ == "__main__":
