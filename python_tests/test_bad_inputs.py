@@ -323,6 +323,8 @@ CASES: list[Case] = [
     C("offline_candidates/k/k_i2t-above-int64", lambda g: oc(k_i2t=2**63), V, r"k_i2t must be in \[1, 6\]"),
     C("offline_candidates/layout/cap_emb-sparse", lambda g: oc(cap=emb(8, seed=1).to_sparse()), T,
       r"cap_emb must be a dense \(strided\) tensor"),
+    C("offline_candidates/layout/cap_to_img-sparse", lambda g: oc(c2i=cap_to_img().to_sparse()), T,
+      r"cap_to_img must be a dense \(strided\) tensor"),
     C("offline_candidates/enum/progress-str", lambda g: oc(progress="no"), T, "progress must be a bool"),
     C("offline_candidates/count/chunk-size-negative", lambda g: oc(chunk_size=-1), V, "chunk_size must be >= 1"),
 
@@ -337,6 +339,9 @@ CASES: list[Case] = [
     C("sample_offline_negatives/shape/t2i-rows", lambda g: so(captions_per_image=4), V,
       r"t2i must have I\*captions_per_image"),
     C("sample_offline_negatives/count/pool-above-list", lambda g: so(pool=7), V, r"pool must be in \[1, 6\]"),
+    C("sample_offline_negatives/layout/t2i-sparse", lambda g: so(t2i=lists()[1].to_sparse()), T,
+      r"t2i must be a dense \(strided\) tensor"),
+    C("sample_offline_negatives/count/pool-above-int64", lambda g: so(pool=2**64), V, r"pool must be in \[1, 6\]"),
     C("sample_offline_negatives/count/pool-float", lambda g: so(pool=5.0), T, "pool must be an int"),
     C("sample_offline_negatives/count/captions_per_image-zero", lambda g: so(captions_per_image=0), V,
       "captions_per_image must be >= 1"),

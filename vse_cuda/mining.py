@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ._chunking import plan_chunks
-from ._validation import check_bool, check_compatible, check_embeddings, check_int
+from ._validation import check_bool, check_compatible, check_embeddings, check_int, check_strided
 from .topk import topk_similar
 
 __all__ = ["offline_candidates", "sample_offline_negatives", "main"]
@@ -119,6 +119,7 @@ def _check_cap_to_img(cap_to_img: object, n_img: int, n_cap: int, device: torch.
         raise TypeError(f"cap_to_img must be a torch.Tensor of int64, got {type(cap_to_img).__name__}")
     if cap_to_img.dtype != torch.int64:
         raise TypeError(f"cap_to_img must be int64, got {cap_to_img.dtype}")
+    check_strided("cap_to_img", cap_to_img)
     if cap_to_img.dim() != 1 or cap_to_img.size(0) != n_cap:
         raise ValueError(f"cap_to_img must have shape ({n_cap},) (one image per caption), "
                          f"got {tuple(cap_to_img.shape)}")
@@ -239,6 +240,7 @@ def _check_sampling_inputs(i2t: object, t2i: object, captions: object, generator
             raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(t).__name__}")
         if t.dtype != torch.int64:
             raise TypeError(f"{name} must be int64, got {t.dtype}")
+        check_strided(name, t)
         if t.dim() != (1 if name == "captions" else 2):
             raise ValueError(f"{name} must be {'1' if name == 'captions' else '2'}-D, got shape {tuple(t.shape)}")
         if t.device != i2t.device:
