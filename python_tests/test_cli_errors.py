@@ -36,6 +36,8 @@ def train_exit(argv: list[str], capsys) -> str:
         train.main([*TINY, *argv])
     assert exit_info.value.code not in (0, None)
     message = exit_info.value.code if isinstance(exit_info.value.code, str) else capsys.readouterr().err
+    if message.startswith("usage:"):  # argparse's option errors: the usage, then one error line
+        message = message.strip().splitlines()[-1]
     return one_line(message)
 
 
@@ -106,6 +108,19 @@ def test_train_features_beyond_float32(tmp_path, capsys):
     np.save(data / "train_ims.npy", np.array([[1.0, 2.0, 3.0], [1e300, 0.0, 0.0]]))
     line = train_exit(["--run-dir", str(tmp_path / "run"), "--data", str(data)], capsys)
     assert f"{data / 'train_ims.npy'}: row 1 holds features beyond float32's range" in line
+
+
+@pytest.mark.parametrize("option", ["--lr", "--lr-decay", "--grad-clip"])
+def test_train_infinite_optimizer_options(tmp_path, capsys, option):
+    line = train_exit(["--run-dir", str(tmp_path / "run"), option, "inf"], capsys)
+    assert f"{option} must be finite" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_data_is_a_file(tmp_path, capsys):
+    (tmp_path / "data").write_text("not a directory")
+    line = train_exit(["--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "data")], capsys)
+    assert f"data directory {tmp_path / 'data'} is a file" in line
 
 
 # ------------------------------------------------------------------------------- evaluate

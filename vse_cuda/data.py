@@ -218,7 +218,7 @@ def load_vse_dataset(data_dir: str | Path, *, splits: tuple[str, str, str] = ("t
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist")
+        raise DataError(f"data directory {root} " + ("is a file, not a directory" if root.exists() else "does not exist"))
     raw = [_read_split(root, name) for name in splits]
     kinds = {isinstance(caps, list) for _, caps in raw}
     if len(kinds) > 1:

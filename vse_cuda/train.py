@@ -39,6 +39,7 @@ import csv
 import dataclasses
 import importlib.util
 import io
+import math
 import os
 import resource
 import sys
@@ -220,6 +221,9 @@ def check_config(c: Config) -> None:
     for name in ("warmup_epochs", "head_hidden", "threads"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    for name in ("lr", "lr_decay", "grad_clip"):  # inf passes the range checks below, then trains to NaN
+        if not math.isfinite(getattr(c, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be finite, got {getattr(c, name)}")
     if not (c.lr > 0 and c.lr_decay > 0 and c.grad_clip >= 0):
         raise ValueError(f"--lr and --lr-decay must be > 0 and --grad-clip >= 0, got {c.lr}, {c.lr_decay}, "
                          f"{c.grad_clip}")
