@@ -25,6 +25,13 @@ def check_strided(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
 
 
+def check_has_data(name: str, x: torch.Tensor, why: str) -> None:
+    """Not a meta tensor: a function whose checks or results need values (counts, ranges,
+    recalls) cannot run on shapes alone, so it says so instead of failing in ``.item()``."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on meta, which holds no data, but {why}")
+
+
 def check_embeddings(name: str, x: object) -> torch.Tensor:
     """A floating 2-D tensor [N, D] with D >= 1."""
     if not isinstance(x, torch.Tensor):

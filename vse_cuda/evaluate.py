@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ._validation import check_bool, check_compatible, check_embeddings, check_int
+from ._validation import check_bool, check_compatible, check_embeddings, check_has_data, check_int
 from .data import CAPTIONS_PER_IMAGE, Split
 from .topk import topk_similar
 
@@ -138,6 +138,7 @@ def _check_split_embeddings(img_emb: object, cap_emb: object, captions_per_image
     check_embeddings("img_emb", img_emb)
     check_embeddings("cap_emb", cap_emb)
     check_compatible(("img_emb", "cap_emb"), (img_emb, cap_emb))
+    check_has_data("img_emb", img_emb, "recall is computed from the embeddings' values")
     check_int("captions_per_image", captions_per_image, 1)
     n = img_emb.size(0)
     if n == 0:

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ._chunking import plan_chunks
-from ._validation import check_bool, check_compatible, check_embeddings, check_int, check_strided
+from ._validation import check_bool, check_compatible, check_embeddings, check_has_data, check_int, check_strided
 from .topk import topk_similar
 
 __all__ = ["offline_candidates", "sample_offline_negatives", "main"]
@@ -125,6 +125,7 @@ def _check_cap_to_img(cap_to_img: object, n_img: int, n_cap: int, device: torch.
                          f"got {tuple(cap_to_img.shape)}")
     if cap_to_img.device != device:
         raise ValueError(f"cap_to_img is on {cap_to_img.device} but the embeddings are on {device}")
+    check_has_data("cap_to_img", cap_to_img, "the k bounds are counted from its values")
     if n_cap and not bool(((cap_to_img >= 0) & (cap_to_img < n_img)).all()):
         low, high = int(cap_to_img.min()), int(cap_to_img.max())
         raise ValueError(f"cap_to_img values must be image indices in [0, {n_img}), got [{low}, {high}]")
@@ -245,6 +246,7 @@ def _check_sampling_inputs(i2t: object, t2i: object, captions: object, generator
             raise ValueError(f"{name} must be {'1' if name == 'captions' else '2'}-D, got shape {tuple(t.shape)}")
         if t.device != i2t.device:
             raise ValueError(f"{name} is on {t.device} but i2t is on {i2t.device}")
+    check_has_data("captions", captions, "the draw indexes the lists with its values")
     check_int("captions_per_image", per, 1)
     if t2i.size(0) != i2t.size(0) * per:
         raise ValueError(f"t2i must have I*captions_per_image = {i2t.size(0)}*{per} rows (caption k belongs "
