@@ -3,12 +3,33 @@ ValueError/TypeError naming the argument and what was expected."""
 
 from __future__ import annotations
 
-import math
+import numbers
 from typing import Iterable
 
 import torch
 
+try:  # numpy registers its scalars with numbers.Real, but its bool is no number here either
+    from numpy import bool_ as np_bool
+except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+    np_bool = bool
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Largest value of an ``int`` schema argument of the ops (a C++ int64_t).
+INT64_MAX = 2**63 - 1
+
+
+def check_strided(name: str, x: torch.Tensor) -> None:
+    """A dense (strided) tensor: the kernels read raw memory, so sparse COO/CSR and mkldnn
+    layouts are refused here by name instead of failing deep in the dispatcher."""
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+
+
+def check_has_data(name: str, x: torch.Tensor, why: str) -> None:
+    """Not a meta tensor: a function whose checks or results need values (counts, ranges,
+    recalls) cannot run on shapes alone, so it says so instead of failing in ``.item()``."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on meta, which holds no data, but {why}")
 
 
 def check_embeddings(name: str, x: object) -> torch.Tensor:
@@ -17,6 +38,7 @@ def check_embeddings(name: str, x: object) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_strided(name, x)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
     if x.size(1) == 0:
@@ -45,6 +67,7 @@ def check_labels(name: str, labels: object, n: int, device: torch.device) -> tor
         raise TypeError(f"{name} must be a torch.Tensor of int64 or None, got {type(labels).__name__}")
     if labels.dtype != torch.int64:
         raise TypeError(f"{name} must be int64, got {labels.dtype}")
+    check_strided(name, labels)
     if labels.dim() != 1 or labels.size(0) != n:
         raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
     if labels.device != device:
@@ -53,21 +76,33 @@ def check_labels(name: str, labels: object, n: int, device: torch.device) -> tor
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    """An integer in [low, high]."""
+    """An integer in [low, high]; ``high`` defaults to INT64_MAX, the most an op's int64
+    argument holds (a larger Python int would fail in the dispatcher's argument cast)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{name} must be <= 2**63 - 1 (an int64), got {value}")
     return value
 
 
 def check_finite(name: str, value: object, *, positive: bool = False, non_negative: bool = False) -> float:
-    """A finite real number (optionally > 0 or >= 0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (optionally > 0 or >= 0), returned as a Python float.
+
+    Accepted: any ``numbers.Real`` (int, float, fractions.Fraction, numpy integer and floating
+    scalars such as numpy.float32) and torch.SymInt/SymFloat (what torch.compile(dynamic=True)
+    passes for a number). Refused: bools (a flag is not a number here) and tensors, 0-dim
+    included: the ops take a constant, so a tensor's gradient would be cut silently.
+    Finite means ``value - value == 0`` (false for NaN and ±inf): a comparison, unlike
+    math.isfinite, that torch.compile can trace on a symbolic float."""
+    if isinstance(value, (bool, np_bool)) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
+    if not isinstance(value, (torch.SymInt, torch.SymFloat)):
+        value = float(value)
+    if not value - value == 0:
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")

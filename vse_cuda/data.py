@@ -218,7 +218,7 @@ def load_vse_dataset(data_dir: str | Path, *, splits: tuple[str, str, str] = ("t
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist")
+        raise DataError(f"data directory {root} " + ("is a file, not a directory" if root.exists() else "does not exist"))
     raw = [_read_split(root, name) for name in splits]
     kinds = {isinstance(caps, list) for _, caps in raw}
     if len(kinds) > 1:
@@ -243,7 +243,7 @@ def _read_split(root: Path, name: str) -> tuple[np.ndarray, np.ndarray | list[st
                         f"got {images.dtype} {images.shape}")
     txt, npy = root / f"{name}_caps.txt", root / f"{name}_caps.npy"
     if txt.exists():
-        captions: np.ndarray | list[str] = txt.read_text(encoding="utf-8").splitlines()
+        captions: np.ndarray | list[str] = _read_captions(txt)
         cap_path = txt
     elif npy.exists():
         captions = _load_npy(npy)
@@ -263,6 +263,18 @@ def _read_split(root: Path, name: str) -> tuple[np.ndarray, np.ndarray | list[st
     return images, captions
 
 
+def _read_captions(path: Path) -> list[str]:
+    """One caption per line of a UTF-8 text file."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text: line {line} holds byte 0x{err.object[err.start]:02x} "
+                        f"(at byte offset {err.start}); re-encode the captions as UTF-8") from err
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from err
+
+
 def _load_npy(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(f"missing data file {path}")
@@ -274,12 +286,20 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _check_finite(path: Path, array: np.ndarray) -> None:
-    """Raise on the first row holding NaN/inf; scans in slices so memory maps stay cheap."""
+    """Raise on the first row holding NaN/inf, or a value float32 cannot hold (the batches are
+    cast to float32, so a finite float64 1e300 would reach the model as inf); scans in slices
+    so memory maps stay cheap."""
     for start in range(0, array.shape[0], _SCAN_ROWS):
         block = np.asarray(array[start:start + _SCAN_ROWS])
-        bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+        block = block.reshape(block.shape[0], -1)
+        bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
             raise DataError(f"{path}: row {start + int(np.argmax(bad))} holds NaN or inf features")
+        with np.errstate(over="ignore"):
+            bad = ~np.isfinite(block.astype(np.float32)).all(axis=1)
+        if bad.any():
+            raise DataError(f"{path}: row {start + int(np.argmax(bad))} holds features beyond float32's range "
+                            f"(|x| > {float(np.finfo(np.float32).max):g}), which the batches are cast to")
 
 
 def _check_shapes(root: Path, names: tuple[str, ...], raw: list) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ._validation import check_bool, check_compatible, check_embeddings, check_int
+from ._validation import check_bool, check_compatible, check_embeddings, check_has_data, check_int
 from .data import CAPTIONS_PER_IMAGE, Split
 from .topk import topk_similar
 
@@ -138,6 +138,7 @@ def _check_split_embeddings(img_emb: object, cap_emb: object, captions_per_image
     check_embeddings("img_emb", img_emb)
     check_embeddings("cap_emb", cap_emb)
     check_compatible(("img_emb", "cap_emb"), (img_emb, cap_emb))
+    check_has_data("img_emb", img_emb, "recall is computed from the embeddings' values")
     check_int("captions_per_image", captions_per_image, 1)
     n = img_emb.size(0)
     if n == 0:
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     from .data import DataError
 
     try:
+        if args.out is not None:  # before the work, so a bad path costs none of it
+            _check_out_file(args.out)
         ckpt = load_checkpoint(args.checkpoint)
         config = train.Config(**ckpt["config"])
         if args.data is not None:
@@ -188,8 +191,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
           f"{split.num_captions} captions")
     print(text)
     if args.out is not None:
-        args.out.write_text(text + "\n")
+        try:
+            args.out.write_text(text + "\n")
+        except OSError as err:
+            sys.exit(f"python -m vse_cuda.evaluate: error: --out {args.out}: cannot write it ({err.strerror or err})")
     return table
+
+
+def _check_out_file(out: Path) -> None:
+    """``--out`` must name a file that can be written: not a directory, in an existing
+    writable directory."""
+    import os
+
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the file to write the table to")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: the directory {parent} does not exist (or is not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out} is not writable")
 
 
 if __name__ == "__main__":

@@ -571,11 +571,27 @@ def _register(namespace: str) -> None:
         grad_img, grad_txt = ops.goal_backward(grad, *ctx.saved_tensors)
         return grad_img, grad_txt, *[None] * 11
 
+    # The backward ops are not differentiable themselves (mined losses gather through saved
+    # indices, GOAL's weights are constants by design, the dense ones write GEMMs in place).
+    # Registered so that create_graph=True gives gradients with a grad_fn, and differentiating
+    # them raises here, naming the loss, instead of autograd returning None (or failing in
+    # an at::mm out= call) with only a warning.
+    for backward_op, loss_name in (("triplet_backward", "triplet_loss"), ("unified_backward", "unified_loss"),
+                                   ("quintuplet_backward", "quintuplet_loss"), ("goal_backward", "goal_loss")):
+        torch.library.register_autograd(f"{namespace}::{backward_op}", _refuse_double_backward(loss_name))
+
     torch.library.register_autograd(f"{namespace}::triplet_forward", backward_triplet, setup_context=setup_triplet)
     torch.library.register_autograd(f"{namespace}::unified_forward", backward_unified, setup_context=setup_unified)
     torch.library.register_autograd(f"{namespace}::quintuplet_forward", backward_quintuplet,
                                     setup_context=setup_quintuplet)
     torch.library.register_autograd(f"{namespace}::goal_forward", backward_goal, setup_context=setup_goal)
+
+
+def _refuse_double_backward(loss_name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"vse_cuda.{loss_name} does not support double backward: its gradient (from "
+                           f"torch.autograd.grad(..., create_graph=True)) cannot be differentiated again")
+    return backward
 
 
 _register("vse_cuda")

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ._chunking import plan_chunks
-from ._validation import check_bool, check_compatible, check_embeddings, check_int
+from ._validation import check_bool, check_compatible, check_embeddings, check_has_data, check_int, check_strided
 from .topk import topk_similar
 
 __all__ = ["offline_candidates", "sample_offline_negatives", "main"]
@@ -119,11 +119,13 @@ def _check_cap_to_img(cap_to_img: object, n_img: int, n_cap: int, device: torch.
         raise TypeError(f"cap_to_img must be a torch.Tensor of int64, got {type(cap_to_img).__name__}")
     if cap_to_img.dtype != torch.int64:
         raise TypeError(f"cap_to_img must be int64, got {cap_to_img.dtype}")
+    check_strided("cap_to_img", cap_to_img)
     if cap_to_img.dim() != 1 or cap_to_img.size(0) != n_cap:
         raise ValueError(f"cap_to_img must have shape ({n_cap},) (one image per caption), "
                          f"got {tuple(cap_to_img.shape)}")
     if cap_to_img.device != device:
         raise ValueError(f"cap_to_img is on {cap_to_img.device} but the embeddings are on {device}")
+    check_has_data("cap_to_img", cap_to_img, "the k bounds are counted from its values")
     if n_cap and not bool(((cap_to_img >= 0) & (cap_to_img < n_img)).all()):
         low, high = int(cap_to_img.min()), int(cap_to_img.max())
         raise ValueError(f"cap_to_img values must be image indices in [0, {n_img}), got [{low}, {high}]")
@@ -239,10 +241,12 @@ def _check_sampling_inputs(i2t: object, t2i: object, captions: object, generator
             raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(t).__name__}")
         if t.dtype != torch.int64:
             raise TypeError(f"{name} must be int64, got {t.dtype}")
+        check_strided(name, t)
         if t.dim() != (1 if name == "captions" else 2):
             raise ValueError(f"{name} must be {'1' if name == 'captions' else '2'}-D, got shape {tuple(t.shape)}")
         if t.device != i2t.device:
             raise ValueError(f"{name} is on {t.device} but i2t is on {i2t.device}")
+    check_has_data("captions", captions, "the draw indexes the lists with its values")
     check_int("captions_per_image", per, 1)
     if t2i.size(0) != i2t.size(0) * per:
         raise ValueError(f"t2i must have I*captions_per_image = {i2t.size(0)}*{per} rows (caption k belongs "
@@ -294,16 +298,32 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _load_matrix(path: Path, name: str):
-    """A finite 2-D float array from ``path``."""
+#: Rows checked for NaN/inf at a time, so a memory-mapped file is never read whole at once.
+_SCAN_ROWS = 4096
+
+
+def _load_matrix(path: Path, name: str, dtype: str):
+    """A 2-D float array from ``path`` (memory-mapped), finite once cast to ``dtype``: the check
+    runs on the values the device will hold, so float32 data beyond float16's range (65504)
+    is refused under ``--dtype float16`` instead of mining on infinities."""
     import numpy as np
 
     array = _load(path)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
         raise _UsageError(f"{path} must hold a 2-D float array [{name}, D], got {array.dtype} shape {array.shape}")
-    bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
-    if bad_rows.size:
-        raise _UsageError(f"{path} has NaN or inf in {bad_rows.size} row(s) (first: row {bad_rows[0]})")
+    bad = {"NaN or inf": [], f"values beyond {dtype}'s range": []}  # row indices, per kind
+    for start in range(0, array.shape[0], _SCAN_ROWS):
+        block = np.asarray(array[start:start + _SCAN_ROWS])
+        finite = np.isfinite(block).all(axis=1)
+        with np.errstate(over="ignore"):
+            fits = np.isfinite(block.astype(dtype)).all(axis=1)
+        bad["NaN or inf"].extend(start + np.flatnonzero(~finite))
+        bad[f"values beyond {dtype}'s range"].extend(start + np.flatnonzero(finite & ~fits))
+    for kind, rows in bad.items():
+        if rows:
+            hint = "" if kind == "NaN or inf" else \
+                f" (largest finite {float(np.finfo(dtype).max):g}; use --dtype float32 or rescale)"
+            raise _UsageError(f"{path} has {kind} in {len(rows)} row(s) (first: row {rows[0]}){hint}")
     return array
 
 
@@ -313,7 +333,9 @@ def _load(path: Path):
     if not path.is_file():
         raise _UsageError(f"{path} not found")
     try:
-        return np.load(path, allow_pickle=False)
+        # Memory-mapped: a header that declares more data than the file holds is refused by
+        # the mapping instead of allocating the declared size (a truncated file could ask for TiB).
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as error:
         raise _UsageError(f"{path} is not a readable .npy file ({error})") from error
 
@@ -337,16 +359,39 @@ def _load_cap_to_img(emb_dir: Path, n_img: int, n_cap: int):
 
 
 def _load_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    images = _load_matrix(args.emb_dir / "images.npy", "I")
-    captions = _load_matrix(args.emb_dir / "captions.npy", "C")
+    images = _load_matrix(args.emb_dir / "images.npy", "I", args.dtype)
+    captions = _load_matrix(args.emb_dir / "captions.npy", "C", args.dtype)
     if images.shape[1] != captions.shape[1]:
         raise _UsageError(f"images.npy has D={images.shape[1]} but captions.npy has D={captions.shape[1]}")
     cap_to_img = _load_cap_to_img(args.emb_dir, images.shape[0], captions.shape[0])
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda was asked for but torch.cuda.is_available() is False")
     dtype = getattr(torch, args.dtype)
-    return (torch.from_numpy(images).to(args.device, dtype), torch.from_numpy(captions).to(args.device, dtype),
+    return (_to_tensor(images, args.device, dtype), _to_tensor(captions, args.device, dtype),
             torch.from_numpy(cap_to_img).to(args.device))
+
+
+def _to_tensor(array, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """A memory map's rows copied into a tensor (torch.from_numpy refuses read-only maps)."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(array)).to(device, dtype)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """OUT_DIR must be (or become) a writable directory: checked before mining, so a bad path
+    costs no computation (and the mined lists are never lost to it afterwards)."""
+    import os
+
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise _UsageError(f"OUT_DIR {out_dir}: {existing} is a file, not a directory")
+    if out_dir.exists():
+        for name in ("i2t.npy", "t2i.npy", "meta.json"):
+            if (out_dir / name).is_dir():
+                raise _UsageError(f"OUT_DIR {out_dir}: {out_dir / name} is a directory; the output goes there")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise _UsageError(f"OUT_DIR {out_dir}: {existing} is not writable")
 
 
 def _write_outputs(args: argparse.Namespace, i2t: torch.Tensor, t2i: torch.Tensor, shapes: dict,
@@ -373,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vse_cuda.mining``; returns the exit status (0, or 2 with a one-line error)."""
     args = _parse_args(argv)
     try:
+        _check_out_dir(args.out_dir)
         images, captions, cap_to_img = _load_inputs(args)
         start = time.perf_counter()
         i2t, t2i = offline_candidates(images, captions, cap_to_img, k_i2t=args.k_i2t, k_t2i=args.k_t2i,
@@ -382,7 +428,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m vse_cuda.mining: error: {error}", file=sys.stderr)
         return 2
     shapes = {"images_shape": list(images.shape), "captions_shape": list(captions.shape)}
-    _write_outputs(args, i2t, t2i, shapes, seconds)
+    try:
+        _write_outputs(args, i2t, t2i, shapes, seconds)
+    except OSError as error:  # e.g. the disk filled up or the directory went away meanwhile
+        print(f"python -m vse_cuda.mining: error: cannot write to OUT_DIR {args.out_dir}: {error}", file=sys.stderr)
+        return 2
     print(f"mined {images.size(0)} images x {captions.size(0)} captions (D={images.size(1)}, {args.dtype}, "
           f"{args.device}) in {seconds:.1f} s: i2t {list(i2t.shape)}, t2i {list(t2i.shape)} -> {args.out_dir}")
     return 0

@@ -95,8 +95,9 @@ def topk_similar(
 def _fewest_candidates(n: int, m: int, query_labels: torch.Tensor | None,
                        key_labels: torch.Tensor | None) -> tuple[int, int]:
     """The smallest number of keys any query may return (M minus its same-label keys), and
-    the first query with that few."""
-    if query_labels is None or n == 0:
+    the first query with that few. Meta tensors (shapes only, as torch.compile traces them)
+    hold no labels to count: the kernels' own checks run on real data."""
+    if query_labels is None or n == 0 or query_labels.device.type == "meta" or key_labels.device.type == "meta":
         return m, 0
     sorted_keys = torch.sort(key_labels).values
     same = torch.searchsorted(sorted_keys, query_labels, right=True) - torch.searchsorted(sorted_keys, query_labels)

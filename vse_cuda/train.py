@@ -39,6 +39,7 @@ import csv
 import dataclasses
 import importlib.util
 import io
+import math
 import os
 import resource
 import sys
@@ -220,6 +221,9 @@ def check_config(c: Config) -> None:
     for name in ("warmup_epochs", "head_hidden", "threads"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    for name in ("lr", "lr_decay", "grad_clip"):  # inf passes the range checks below, then trains to NaN
+        if not math.isfinite(getattr(c, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be finite, got {getattr(c, name)}")
     if not (c.lr > 0 and c.lr_decay > 0 and c.grad_clip >= 0):
         raise ValueError(f"--lr and --lr-decay must be > 0 and --grad-clip >= 0, got {c.lr}, {c.lr_decay}, "
                          f"{c.grad_clip}")
@@ -344,6 +348,7 @@ class Trainer:
         """
         ckpt = None
         path = self.run_dir / CHECKPOINT
+        check_run_dir(self.run_dir)
         if resume:
             if not path.exists():
                 raise CheckpointError(f"no checkpoint at {path} to resume from: start without --resume")
@@ -672,6 +677,20 @@ def _loss_name(config: Config, round_: int) -> str:
     if config.loss == "quintuplet" and round_ == 1:
         return "triplet-hardest (AOQ round 1)"
     return config.loss
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """``--run-dir`` must be (or become) a writable directory whose file names are free for the
+    run's files; checked before any data is loaded or anything written (ConfigError otherwise)."""
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: {existing} is a file, not a directory")
+    taken = [name for name in RUN_FILES if (run_dir / name).is_dir()]
+    if taken:
+        raise ConfigError(f"--run-dir {run_dir}: {run_dir / taken[0]} is a directory, where the run writes "
+                          f"its {taken[0]} file; move it away")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--run-dir {run_dir}: {existing} is not writable")
 
 
 def _check_same_config(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
