@@ -16,7 +16,8 @@ AOQ (``--loss quintuplet``) runs the official two rounds: VSE++ training, offlin
 mining with the round-one model (:mod:`vse_cuda.mining`), then AOQ training of a fresh model.
 
 Data parallel: ``torchrun --nproc_per_node=N -m vse_cuda.train [options]`` (WORLD_SIZE > 1)
-joins a gloo process group (the harness trains on CPU). ``--batch-size`` stays the *global*
+joins a process group: NCCL when the run trains on CUDA (``--device``, by default cuda when a GPU
+is visible; each rank on its LOCAL_RANK's GPU), gloo on CPU. ``--batch-size`` stays the *global*
 batch: every rank draws the same seeded epoch order (and, for AOQ, the same offline
 negatives), encodes its contiguous share of each global batch (sizes differ by at most one)
 and calls the loss with ``group=WORLD``, so negatives come from the whole global batch. A last
