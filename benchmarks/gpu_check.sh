@@ -29,6 +29,10 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_
 SUMMARY="$OUT/summary.md"
 FAILED=0
 START=$(date +%s)
+# The whole check ends within TOTAL_S (8 minutes less a margin for the transfers): each step's
+# limit is cut to what is left, and a step with under 10 s left is skipped, not started.
+TOTAL_S=${TOTAL_S:-460}
+DEADLINE=$(( START + TOTAL_S ))
 
 {
   echo "# gpu_check $( [ $DRY = 1 ] && echo '(dry run, no GPU)' ) $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -44,6 +48,11 @@ START=$(date +%s)
 step() {
   local name=$1 limit=$2 log=$3; shift 3
   local t0=$(date +%s) rc status
+  local left=$(( DEADLINE - t0 ))
+  if [ "$left" -lt 10 ]; then
+    echo "| $name | SKIPPED: under 10 s of the ${TOTAL_S} s total left | 0 | $log |" >> "$SUMMARY"; FAILED=1; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== [$name] (limit ${limit}s) $*" | tee -a "$OUT/$log"
   timeout --kill-after=10 "$limit" "$@" >> "$OUT/$log" 2>&1
   rc=$?
@@ -63,7 +72,7 @@ if [ $DRY = 1 ] && "$PY" -c "import vse_cuda" 2>/dev/null; then
   note build "reused (importable: $("$PY" -c 'import vse_cuda; print(*vse_cuda.backends())'))" -
 else
   if [ $DRY = 1 ]; then export VSE_CUDA=0; else export VSE_CUDA=1 VSE_SIMT=0; fi
-  step build 330 build.log "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -e .
+  step build 240 build.log "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -e .
 fi
 "$PY" -c "import vse_cuda, torch; print('backends', vse_cuda.backends(), 'torch', torch.__version__, \
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" >> "$OUT/build.log" 2>&1
@@ -73,7 +82,7 @@ if [ $DRY = 1 ]; then
   step tests-collect 120 tests.log "$PY" -m pytest python_tests/test_triplet.py python_tests/test_unified.py \
       python_tests/test_topk.py -q -p no:cacheprovider -k cuda --collect-only
 else
-  step tests-cuda 100 tests.log "$PY" -m pytest python_tests -q -p no:cacheprovider -k cuda -m "not slow" \
+  step tests-cuda 90 tests.log "$PY" -m pytest python_tests -q -p no:cacheprovider -k cuda -m "not slow" \
       -o faulthandler_timeout=60
 fi
 
@@ -89,7 +98,7 @@ elif ! command -v compute-sanitizer >/dev/null; then
   note sanitizer "skipped: compute-sanitizer not on PATH" sanitizer.log
 else
   for tool in memcheck racecheck; do
-    step "sanitizer-$tool" 45 sanitizer.log compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" -c "$SAN_PROBE"
+    step "sanitizer-$tool" 40 sanitizer.log compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" -c "$SAN_PROBE"
   done
   if grep -qE "Device not supported|error 999|unsupported" "$OUT/sanitizer.log"; then
     note sanitizer-refused "compute-sanitizer refused the device (gVisor runtime?): see the log" sanitizer.log
@@ -100,7 +109,7 @@ fi
 if [ $DRY = 1 ]; then
   step bench-cpu-tiny 150 bench.log "$PY" benchmarks/bench_gpu.py --device cpu --quick --out-dir "$OUT"
 else
-  step bench-gpu 200 bench.log "$PY" benchmarks/bench_gpu.py --device cuda --budget-s 150 --out-dir "$OUT"
+  step bench-gpu 150 bench.log "$PY" benchmarks/bench_gpu.py --device cuda --budget-s 110 --out-dir "$OUT"
 fi
 
 # 5. A short training run (GPU: 2 epochs at batch 1024; dry run: 1 tiny CPU epoch).
@@ -110,7 +119,7 @@ if [ $DRY = 1 ]; then
       --no-progress --threads 1 --epochs 1 --synthetic-train 200 --synthetic-dev 100 --synthetic-test 100 \
       --embed-dim 32 --batch-size 50
 else
-  step train-gpu 75 train.log "$PY" -m vse_cuda.train --device cuda --run-dir "$RUN_DIR" --overwrite \
+  step train-gpu 60 train.log "$PY" -m vse_cuda.train --device cuda --run-dir "$RUN_DIR" --overwrite \
       --no-progress --epochs 2 --batch-size 1024 --lr 1e-3
 fi
 [ -f "$RUN_DIR/log.csv" ] && { echo "== log.csv"; cat "$RUN_DIR/log.csv"; } >> "$OUT/train.log"
