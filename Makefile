@@ -1,6 +1,7 @@
 # The README's two commands, each self-contained and idempotent on a fresh machine:
 #   make demo   set up .venv, build, run the main job (train + evaluate on the embedded dataset)
 #   make test   set up .venv, build CPU + CUDA (when nvcc exists) + SIMT, run every test, then
+#               the GPU check's dry run (benchmarks/gpu_check.sh --dry-run build/gpu_check), then
 #               `make sanitize-test`: CPU-only builds with sanitizers, each in its own folder,
 #               loaded in place of the product libraries (details at the targets below):
 #                 sanitize-address  _C + _simt with AddressSanitizer + UBSan (build/asan): the
@@ -32,6 +33,7 @@ test: build
 	@cat build/ptxas-report.txt
 	$(PY) -c "import vse_cuda; print('vse_cuda backends built:', vse_cuda.backends())"
 	$(PY) -m pytest python_tests -q
+	bash benchmarks/gpu_check.sh --dry-run build/gpu_check
 	$(MAKE) sanitize-test
 
 # The venv is rebuilt only when requirements-dev.txt changes.

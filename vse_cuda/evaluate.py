@@ -113,7 +113,8 @@ def format_table(table: dict[str, dict[str, float]], *, num_images: int | None =
 @torch.no_grad()
 def embed_split(model: torch.nn.Module, split: Split, *, batch_size: int = 2048,
                 autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit-norm image [n, E] and caption [5n, E] embeddings of a split, in batches."""
+    """Unit-norm image [n, E] and caption [5n, E] embeddings of a split, in batches, computed
+    on the model's device (bf16 autocast on that device's type when ``autocast``)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(split, Split):
@@ -121,16 +122,24 @@ def embed_split(model: torch.nn.Module, split: Split, *, batch_size: int = 2048,
     check_int("batch_size", batch_size, 1)
     check_bool("autocast", autocast)
     was_training = model.training
+    device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            imgs = [model.image(split.image_batch(torch.arange(s, min(s + batch_size, split.num_images))))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            imgs = [model.image(split.image_batch(torch.arange(s, min(s + batch_size, split.num_images))).to(device))
                     for s in range(0, split.num_images, batch_size)]
-            caps = [model.text(*split.caption_batch(torch.arange(s, min(s + batch_size, split.num_captions))))
+            caps = [model.text(*_on(device, *split.caption_batch(torch.arange(s, min(s + batch_size,
+                                                                                     split.num_captions)))))
                     for s in range(0, split.num_captions, batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(imgs), torch.cat(caps)
+
+
+def _on(device: torch.device, captions: torch.Tensor, lengths: torch.Tensor | None):
+    """A caption batch with its token ids or features on ``device`` (GRU lengths stay on the CPU,
+    where pack_padded_sequence wants them)."""
+    return captions.to(device), lengths
 
 
 def _check_split_embeddings(img_emb: object, cap_emb: object, captions_per_image: object) -> int:
@@ -162,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--data", type=Path, default=None,
                         help="VSE-layout data directory, if it moved since training (default: the checkpoint's)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where the model embeds and ranks (default: cuda when a GPU is visible, else cpu)")
     args = parser.parse_args(argv)
     # The harness is imported here, not at module level: recall functions stay light.
     from . import train
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         if args.data is not None:
             config.data = str(args.data)
         dataset = train.load_data(config, vocab=ckpt.get("vocab"))
-        model = train.make_model(config, dataset)
+        model = train.make_model(config, dataset).to(train.resolve_device(args.device))
     except (CheckpointError, DataError, ValueError, TypeError) as err:
         sys.exit(f"python -m vse_cuda.evaluate: error: {err}")
     try:

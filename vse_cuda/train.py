@@ -16,7 +16,8 @@ AOQ (``--loss quintuplet``) runs the official two rounds: VSE++ training, offlin
 mining with the round-one model (:mod:`vse_cuda.mining`), then AOQ training of a fresh model.
 
 Data parallel: ``torchrun --nproc_per_node=N -m vse_cuda.train [options]`` (WORLD_SIZE > 1)
-joins a gloo process group (the harness trains on CPU). ``--batch-size`` stays the *global*
+joins a process group: NCCL when the run trains on CUDA (``--device``, by default cuda when a GPU
+is visible; each rank on its LOCAL_RANK's GPU), gloo on CPU. ``--batch-size`` stays the *global*
 batch: every rank draws the same seeded epoch order (and, for AOQ, the same offline
 negatives), encodes its contiguous share of each global batch (sizes differ by at most one)
 and calls the loss with ``group=WORLD``, so negatives come from the whole global batch. A last
@@ -61,6 +62,7 @@ from .evaluate import METRICS, embed_split, format_table, recall_at_k, recall_ta
 from .models import DualEncoder, build_model
 
 LOSSES = ("triplet", "unified", "quintuplet", "goal")
+DEVICES = ("cpu", "cuda")
 #: Config fields a resumed run may change: they do not alter what the finished run computes
 #: (``epochs`` extends a run; the schedule depends on ``lr_update`` only).
 RESUMABLE_CHANGES = ("epochs", "threads")
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from RUN_DIR/checkpoint.pt; options not given are the checkpoint's")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    g.add_argument("--device", choices=DEVICES, default=None,
+                   help="where data, model, loss and evaluation run (default: cuda when a GPU is visible, else cpu)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="'synthetic' (embedded) or a VSE/SCAN precomputed-feature dir")
     g.add_argument("--splits", default=d.splits, help="train,dev,test file prefixes in --data (e.g. train,dev,testall)")
@@ -261,13 +265,36 @@ def current_world() -> World:
     return World()
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The device a run trains on: ``name`` ("cpu" or "cuda"), or cuda when a GPU is visible.
+    Under torchrun each rank takes the GPU of its LOCAL_RANK.
+
+    Raises:
+        ConfigError: "cuda" was asked for but torch sees no CUDA GPU.
+    """
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                          "use --device cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 @contextmanager
-def process_group() -> Iterator[World]:
-    """Under torchrun with WORLD_SIZE > 1, a gloo process group for the block's duration (gloo:
-    the harness trains on CPU, where nccl cannot run); otherwise the current World as it is."""
+def process_group(device: torch.device | None = None) -> Iterator[World]:
+    """Under torchrun with WORLD_SIZE > 1, a process group for the block's duration: NCCL when
+    the run trains on CUDA (each rank on its LOCAL_RANK's GPU), gloo on CPU, where NCCL cannot
+    run; otherwise the current World as it is."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if launched:
-        dist.init_process_group("gloo")
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield current_world()
         if launched:  # no rank tears its group down while another still uses it
@@ -330,8 +357,11 @@ class Trainer:
     """One run: builds everything from a Config, trains round by round, writes the run dir.
     Under torchrun one Trainer per rank (``world``: the current process group's by default)."""
 
-    def __init__(self, config: Config, run_dir: Path, *, progress: bool = True, out=None, world: World | None = None):
+    def __init__(self, config: Config, run_dir: Path, *, progress: bool = True, out=None, world: World | None = None,
+                 device: torch.device | str = "cpu"):
         self.config, self.run_dir = config, Path(run_dir)
+        # Not part of Config: a checkpoint (loaded to CPU, then onto the model's device) resumes on either device.
+        self.device = torch.device(device)
         self.world = world or current_world()
         self.progress = progress and self.world.main
         self.out = out or sys.stdout
@@ -375,7 +405,7 @@ class Trainer:
     def _new_round(self, round_: int) -> None:
         """A fresh model, optimizer and schedule; the init depends on (seed, round) only."""
         torch.manual_seed(self.config.seed * 100 + round_)
-        self.model = make_model(self.config, self.dataset)
+        self.model = make_model(self.config, self.dataset).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, self.config.lr_update, self.config.lr_decay)
         self._broadcast_model()
@@ -422,6 +452,8 @@ class Trainer:
                 for name in RUN_FILES:
                     (self.run_dir / name).unlink(missing_ok=True)
         self._say(f"data: {self.dataset.description}")
+        self._say(f"device: {self.device}" + (f" ({torch.cuda.get_device_name(self.device)})"
+                                             if self.device.type == "cuda" else ""))
         if self.world.size > 1:
             self._say(f"data parallel: {self.world.size} ranks share each global batch of {c.batch_size} pairs")
         while True:
@@ -511,15 +543,17 @@ class Trainer:
         c, split, shard = self.config, self.dataset.train, self.world.shard
         if loss_fn.group is None and self.world.size > 1:  # a short batch, whole on rank 0
             if not self.world.main:
-                return torch.zeros(())
+                return torch.zeros((), device=self.device)
             shard = World().shard
         image_ids, caption_ids = [shard(i) for i in image_ids], [shard(t) for t in caption_ids]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.precision == "bf16"):
-            img = self.model.image(split.image_batch(torch.cat(image_ids)))
-            txt = self.model.text(*split.caption_batch(torch.cat(caption_ids)))
+        features = split.image_batch(torch.cat(image_ids)).to(self.device)
+        captions, lengths = split.caption_batch(torch.cat(caption_ids))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+            img = self.model.image(features)
+            txt = self.model.text(captions.to(self.device), lengths)
         # One encoder pass over the shard and, for AOQ, its offline pairs; split back per role.
         img, txt = img.split(len(image_ids[0])), txt.split(len(caption_ids[0]))
-        labels = caption_ids[0] // CAPTIONS_PER_IMAGE if c.mask_same_image else None
+        labels = (caption_ids[0] // CAPTIONS_PER_IMAGE).to(self.device) if c.mask_same_image else None
         if len(img) == 1:
             return loss_fn(img[0], txt[0], labels=labels)
         return loss_fn(img[0], txt[0], img[1], txt[1], img[2], txt[2], labels=labels)
@@ -566,9 +600,11 @@ class Trainer:
         (k_i2t, k_t2i), split = self._aoq_k(), self.dataset.train
         i2t, t2i = mined or (torch.empty(split.num_images, k_i2t, dtype=torch.int64),
                              torch.empty(split.num_captions, k_t2i, dtype=torch.int64))
+        # NCCL moves device tensors only; the lists stay on the CPU, where the draw indexes them.
+        i2t, t2i = i2t.to(self.device), t2i.to(self.device)
         for lists in (i2t, t2i):
             dist.broadcast(lists, src=0, group=self.world.group)
-        return i2t, t2i
+        return i2t.cpu(), t2i.cpu()
 
     def _mine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Round one's best model embeds the training split; its offline candidates are saved once."""
@@ -581,9 +617,10 @@ class Trainer:
                                   f"round 1's: restart the run with --overwrite")
         self.model.load_state_dict(best["model"])
         img, cap = embed_split(self.model, split, autocast=c.precision == "bf16")
-        cap_to_img = torch.arange(split.num_images).repeat_interleave(CAPTIONS_PER_IMAGE)
+        cap_to_img = torch.arange(split.num_images, device=img.device).repeat_interleave(CAPTIONS_PER_IMAGE)
         k_i2t, k_t2i = self._aoq_k()
         i2t, t2i = mining.offline_candidates(img, cap, cap_to_img, k_i2t=k_i2t, k_t2i=k_t2i, progress=self.progress)
+        i2t, t2i = i2t.cpu(), t2i.cpu()  # saved and drawn from on the CPU, whatever the device
         save_checkpoint({"config": asdict(c), "i2t": i2t, "t2i": t2i}, self.run_dir / CANDIDATES)
         self._say(f"AOQ: mined {k_i2t} captions per image and {k_t2i} images per caption with the round-1 model "
                   f"(epoch {best['epoch']}) -> {self.run_dir / CANDIDATES}")
@@ -743,8 +780,9 @@ def write_plot(history: list[dict[str, Any]], path: Path) -> None:
 def run(argv: list[str] | None = None, *, out=None) -> dict[str, dict[str, float]]:
     """Parse ``argv``, train, evaluate; returns the test recall table. Raises on bad input."""
     config, args, given = parse_args(argv)
-    with process_group() as world:
-        trainer = Trainer(config, args.run_dir, progress=not args.no_progress, out=out, world=world)
+    device = resolve_device(args.device)
+    with process_group(device) as world:
+        trainer = Trainer(config, args.run_dir, progress=not args.no_progress, out=out, world=world, device=device)
         state = trainer.start(resume=args.resume, overwrite=args.overwrite, given=given)
         return trainer.run(state)
 
