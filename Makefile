@@ -33,7 +33,8 @@ test: build
 	@cat build/ptxas-report.txt
 	$(PY) -c "import vse_cuda; print('vse_cuda backends built:', vse_cuda.backends())"
 	$(PY) -m pytest python_tests -q
-	bash benchmarks/gpu_check.sh --dry-run build/gpu_check
+	# The 460 s total is the GPU machine's budget; a loaded CI machine gets more room.
+	TOTAL_S=900 bash benchmarks/gpu_check.sh --dry-run build/gpu_check
 	$(MAKE) sanitize-test
 
 # The venv is rebuilt only when requirements-dev.txt changes.
