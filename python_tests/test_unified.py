@@ -326,3 +326,60 @@ def test_bad_input(overrides, error, match):
 def test_module_checks_its_keywords(kwargs, error, match):
     with pytest.raises(error, match=match):
         vse_cuda.UnifiedLoss(**kwargs)
+
+
+# --------------------------------------------------- large scales: γ times a difference, not a difference of γ S
+
+def _relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((got.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e10])
+@pytest.mark.parametrize("label_kind", [None, "random"])
+def test_large_scale_gradients_as_precise_as_the_float32_oracle(backend, device, on_backend, scale, label_kind):
+    # The exact values are the float64 oracle's on the same float32 inputs. The float32 oracle
+    # rounds S once and then forms γ (S_ij − S_ii + m); ours must lose no more than it does
+    # (forming γ S_ij and γ S_ii first cancels every digit of their difference at large γ).
+    n, d = 29, 16
+    img, txt = (F.normalize(x, dim=1).to(device) for x in random_inputs(n, d, torch.float32, seed=11))
+    labels = make_labels(label_kind, n, seed=2)
+    labels = None if labels is None else labels.to(device)
+    options = dict(scale=scale, margin=0.1, labels=labels)
+    exact_loss, exact_grads = loss_and_grads(oracle(**options), img.double(), txt.double())
+    ref_loss, ref_grads = loss_and_grads(oracle(**options), img, txt)
+    for chunk in chunk_options(n):
+        loss, grads = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), img, txt)
+        assert torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads), f"chunk={chunk}"
+        assert _relative_error(loss, exact_loss) <= 2 * _relative_error(ref_loss, exact_loss) + 1e-6
+        for side in (0, 1):
+            floor = 2 * _relative_error(ref_grads[side], exact_grads[side]) + 1e-5
+            assert _relative_error(grads[side], exact_grads[side]) <= floor, f"d {('img', 'txt')[side]}, chunk={chunk}"
+
+
+@pytest.mark.parametrize("magnitude,scale", [(1.0, 1e20), (1e147, 1e10), (1e-150, 1e20)])
+def test_extreme_float64_values_are_finite_and_right(backend, device, on_backend, magnitude, scale):
+    # S of size magnitude², γ large: every γ (S_ij − S_ii + m) is a finite float64 (the loss is
+    # about 1e304 for magnitude 1e147), but γ S_ij alone overflows or cancels.
+    n, d = 13, 8
+    img, txt = (F.normalize(x, dim=1).to(device) * magnitude for x in random_inputs(n, d, seed=4))
+    options = dict(scale=scale, margin=0.0)
+    want_loss, want_grads = loss_and_grads(oracle(**options), img, txt)
+    assert torch.isfinite(want_loss) and all(bool(torch.isfinite(g).all()) for g in want_grads)
+    for chunk in chunk_options(n):
+        loss, grads = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), img, txt)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-9, atol=0.0, msg=f"loss, chunk={chunk}")
+        for side in (0, 1):
+            scale_of = float(want_grads[side].abs().max())
+            torch.testing.assert_close(grads[side], want_grads[side], rtol=1e-9, atol=1e-9 * scale_of,
+                                       msg=f"d {('img', 'txt')[side]}, chunk={chunk}")
+
+
+def test_huge_float32_scores_give_finite_gradients(backend, device, on_backend):
+    # S ≈ 1e36 is a finite float32 and so is every γ (S_ij − S_ii + m) at γ = 20.
+    img, txt = (F.normalize(x, dim=1).to(device) * 1e18 for x in random_inputs(11, 4, torch.float32, seed=6))
+    want_loss, want_grads = loss_and_grads(oracle(scale=20.0, margin=0.2), img.double(), txt.double())
+    loss, grads = loss_and_grads(ours(on_backend, scale=20.0, margin=0.2), img, txt)
+    assert torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert _relative_error(loss, want_loss) <= 1e-5
+    for side in (0, 1):
+        assert _relative_error(grads[side], want_grads[side]) <= 1e-5

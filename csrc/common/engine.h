@@ -6,9 +6,9 @@
 //
 // Dense policy interface (common/triplet.h HingeSumPolicy, common/unified.h UnifiedPolicy):
 //   State                              an anchor's running state over its negatives
-//   kPositiveFirst                     add() needs the anchor's positive S_ii: it is then
-//                                      ⟨a_i, b_i⟩ computed before the pass; otherwise S_ii
-//                                      is read from the tile it lies in, for finish() only
+//   kPositiveFromTiles                 add() compares S_ij with S_ii exactly: S_ii is then
+//                                      the value its tile holds (engine_host.h
+//                                      dense_positives), otherwise the row-wise dot
 //   add(state, S_ij, S_ii)             folds in one valid negative
 //   merge(state, other)                folds in the state of other negatives of the same
 //                                      anchor (a later column tile, another thread's share)

@@ -56,8 +56,9 @@ inline const int64_t* labels_data(const at::Tensor& labels) {
   return labels.numel() > 0 ? labels.data_ptr<int64_t>() : nullptr;
 }
 
-// The row-wise inner products ⟨a_i, b_i⟩ of two [N, D] tensors in the accumulate type: the
-// positives S_ii before any tile is seen. O(N·D).
+// The row-wise inner products ⟨a_i, b_i⟩ of two [N, D] tensors in the accumulate type, O(N·D):
+// S_ii up to rounding (a different reduction than the tiles' GEMM), for values that are not
+// compared with tile entries; the losses' positives come from the tiles (tile_positives).
 inline at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) { return (a * b).sum(1).contiguous(); }
 
 // [n, W] states, each State{} (an empty state), as T on the device of `options` (filled
@@ -111,21 +112,44 @@ inline Anchors checked_anchors(const char* op, int64_t begin, int64_t end, int64
 // and c0): all of S in one sweep serving both directions when they are all N; otherwise
 // their rows against every column (kRowAnchors), then every row against their columns
 // (kColumnAnchors), so that each anchor's state still sees its entries in increasing index.
+// `tiling` and `selection` as in tiles.h; each sweep's diagonal is its anchors' pairs.
 template <typename TileFn>
 void for_each_anchor_tile(const at::Tensor& a, const at::Tensor& b, const Anchors& anchors, int64_t row_chunk,
-                          int64_t col_chunk, const TileFn& on_tile) {
+                          int64_t col_chunk, const TileFn& on_tile, Tiling tiling,
+                          TileSelection selection = TileSelection::kAll) {
+  const int64_t first = anchors.begin;
+  const TilePlan plan{row_chunk, col_chunk, tiling, selection, 0};
   if (anchors.all(a.size(0))) {
-    for_each_tile(a, b, row_chunk, col_chunk,
-                  [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, r0, c0, kBothAnchors); });
+    for_each_tile(a, b, plan, [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, r0, c0, kBothAnchors); });
     return;
   }
-  const int64_t first = anchors.begin;
-  for_each_tile(anchors.of(a), b, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
-    on_tile(tile, first + r0, c0, kRowAnchors);
-  });
-  for_each_tile(a, anchors.of(b), row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
-    on_tile(tile, r0, first + c0, kColumnAnchors);
-  });
+  // Local row q of the anchors' rows is pair first + q; local column q of their columns too.
+  for_each_tile(anchors.of(a), b, TilePlan{row_chunk, col_chunk, tiling, selection, first},
+                [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, first + r0, c0, kRowAnchors); });
+  for_each_tile(a, anchors.of(b), TilePlan{row_chunk, col_chunk, tiling, selection, -first},
+                [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, r0, first + c0, kColumnAnchors); });
+}
+
+// The anchors' positives S_ii as their own sweeps' tiles hold them: row anchors' from the
+// tiles of their rows, column anchors' from the tiles of their columns (one sweep serves both
+// when the anchors are all N; a rank of a group sweeps its rows and its columns with different
+// tile shapes, which may round S_ii differently). Only the tiles holding the diagonal are
+// computed: about col_chunk / N of a sweep's GEMM work.
+struct Positives {
+  at::Tensor row, col;
+};
+
+inline Positives tile_positives(const at::Tensor& a, const at::Tensor& b, const Anchors& anchors, int64_t row_chunk,
+                                int64_t col_chunk, Tiling tiling) {
+  Positives out{at::zeros({a.size(0)}, a.options()), at::zeros({a.size(0)}, a.options())};
+  for_each_anchor_tile(
+      a, b, anchors, row_chunk, col_chunk,
+      [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
+        if (directions & kRowAnchors) copy_positives(tile, r0, c0, out.row);
+        if (directions & kColumnAnchors) copy_positives(tile, r0, c0, out.col);
+      },
+      tiling, TileSelection::kDiagonal);
+  return out;
 }
 
 namespace detail {
@@ -205,9 +229,37 @@ at::Tensor prefix_sums(const at::Tensor& terms) {
 
 // ------------------------------------------------------------------------------ dense losses
 
+// How the dense sweeps of a policy cut S: the forward's positives pass, its sweep and the
+// backward's recompute alike, so that all see bitwise the same tiles. A policy whose add()
+// compares entries with S_ii exactly (kPositiveFromTiles: a hinge at exactly 0 is inactive)
+// sweeps canonical tiles (tiles.h), square where the budget allows, so that its positives pass
+// recomputes about row_chunk / N of the GEMM work; the others sweep the plain tiles.
+template <typename Policy>
+TilePlan dense_plan(int64_t row_chunk, int64_t col_chunk) {
+  if constexpr (Policy::kPositiveFromTiles) {
+    return {row_chunk, std::min(row_chunk, col_chunk), Tiling::kCanonical};
+  } else {
+    return {row_chunk, col_chunk, Tiling::kPlain};
+  }
+}
+
+// The positives of a dense policy: the tiles' own (kPositiveFromTiles) or the row-wise dots,
+// S_ii up to rounding, for a policy smooth in S_ii whose gradient reaches it through G's
+// diagonal entry (any consistent value of S_ii is then as right as the tile's).
+template <typename Policy>
+Positives dense_positives(const at::Tensor& a, const at::Tensor& b, const Anchors& anchors, const TilePlan& plan) {
+  if constexpr (Policy::kPositiveFromTiles) {
+    return tile_positives(a, b, anchors, plan.row_chunk, plan.col_chunk, plan.tiling);
+  } else {
+    const auto dots = row_dots(a, b);
+    return {dots, dots};
+  }
+}
+
 // Forward of a dense loss: (loss summed over the anchors' row and column terms, row_saved
 // [N, 2], col_saved [N, 2]; the saved values of other pairs are 0). a and b are [N, D]
-// contiguous in the accumulate type T.
+// contiguous in the accumulate type T. Every entry's add() gets its anchor's positive S_ii,
+// known before the sweep (dense_positives).
 template <class Engine, typename T, typename Policy>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a, const at::Tensor& b,
                                                              const int64_t* labels, const Policy& policy,
@@ -218,22 +270,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a
   const int64_t n = a.size(0);
   const auto row_state = initial_states<T, State>(n, a.options());
   const auto col_state = initial_states<T, State>(n, a.options());
-  const auto positive = Policy::kPositiveFirst ? row_dots(a, b) : at::zeros({n}, a.options());
-  for_each_anchor_tile(a, b, anchors, row_chunk, col_chunk,
-                       [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
-                         if (directions & kRowAnchors) {
-                           // The anchors' positives lie in the tiles of their rows.
-                           if constexpr (!Policy::kPositiveFirst) copy_positives(tile, r0, c0, positive);
-                           Passes::rows(policy, tile, r0, c0, labels, positive, row_state);
-                         }
-                         if (directions & kColumnAnchors) {
-                           Passes::columns(policy, tile, r0, c0, labels, positive, col_state);
-                         }
-                       });
+  const TilePlan plan = dense_plan<Policy>(row_chunk, col_chunk);
+  const Positives positive = dense_positives<Policy>(a, b, anchors, plan);
+  for_each_anchor_tile(
+      a, b, anchors, plan.row_chunk, plan.col_chunk,
+      [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
+        if (directions & kRowAnchors) Passes::rows(policy, tile, r0, c0, labels, positive.row, row_state);
+        if (directions & kColumnAnchors) Passes::columns(policy, tile, r0, c0, labels, positive.col, col_state);
+      },
+      plan.tiling);
   const auto terms = at::zeros({2, n}, a.options());
   auto row_saved = at::zeros({n, kSavedWidth}, a.options()), col_saved = at::zeros({n, kSavedWidth}, a.options());
-  Passes::finish(policy, anchors.of(row_state), anchors.of(positive), anchors.of(terms[0]), anchors.of(row_saved));
-  Passes::finish(policy, anchors.of(col_state), anchors.of(positive), anchors.of(terms[1]), anchors.of(col_saved));
+  Passes::finish(policy, anchors.of(row_state), anchors.of(positive.row), anchors.of(terms[0]), anchors.of(row_saved));
+  Passes::finish(policy, anchors.of(col_state), anchors.of(positive.col), anchors.of(terms[1]), anchors.of(col_saved));
   return {sum_terms(terms), row_saved, col_saved};
 }
 
@@ -248,13 +297,15 @@ std::tuple<at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad, const 
                                                   const at::Tensor& col_saved) {
   using Passes = typename Engine::template Dense<T, Policy>;
   auto da = at::zeros_like(a), db = at::zeros_like(b);
-  for_each_anchor_tile(a, b, anchors, row_chunk, col_chunk,
+  const TilePlan plan = dense_plan<Policy>(row_chunk, col_chunk);
+  for_each_anchor_tile(a, b, anchors, plan.row_chunk, plan.col_chunk,
                        [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
                          Passes::gradient(policy, grad, tile, r0, c0, labels, row_saved, col_saved, directions);
                          const int64_t rows = tile.size(0), cols = tile.size(1);
                          da.narrow(0, r0, rows).addmm_(tile, b.narrow(0, c0, cols));
                          db.narrow(0, c0, cols).addmm_(tile.t(), a.narrow(0, r0, rows));
-                       });
+                       },
+                       plan.tiling);
   return {da, db};
 }
 
@@ -262,9 +313,11 @@ std::tuple<at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad, const 
 
 // Lists of hardest negatives: per row anchor i and per column anchor j the k best valid
 // negatives (values best first, empty slots index −1; order of common/topk.h), merged tile
-// after tile, and the positives S_ii, read from the tiles.
+// after tile, and the positives S_ii, read from the tiles: row anchors' from the tiles of the
+// rows' sweep, column anchors' from the columns' (the same tiles unless a group splits them),
+// so that each anchor compares its negatives with a positive rounded the same way.
 struct MinedLists {
-  at::Tensor row_values, row_indices, col_values, col_indices, positive;
+  at::Tensor row_values, row_indices, col_values, col_indices, row_positive, col_positive;
 };
 
 // on_tile(tile, r0, c0, directions), when given, sees every tile after the lists did (another
@@ -278,18 +331,21 @@ MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "mined losses: at most 2^31-1 pairs");
   const auto index_options = a.options().dtype(at::kLong);
   MinedLists lists{at::zeros({n, k}, a.options()), at::full({n, k}, -1, index_options),
-                   at::zeros({n, k}, a.options()), at::full({n, k}, -1, index_options), at::zeros({n}, a.options())};
+                   at::zeros({n, k}, a.options()), at::full({n, k}, -1, index_options), at::zeros({n}, a.options()),
+                   at::zeros({n}, a.options())};
   for_each_anchor_tile(a, b, anchors, row_chunk, col_chunk,
                        [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
                          if (directions & kRowAnchors) {
-                           copy_positives(tile, r0, c0, lists.positive);
+                           copy_positives(tile, r0, c0, lists.row_positive);
                            Passes::rows(tile, r0, c0, labels, lists.row_values, lists.row_indices);
                          }
                          if (directions & kColumnAnchors) {
+                           copy_positives(tile, r0, c0, lists.col_positive);
                            Passes::columns(tile, r0, c0, labels, lists.col_values, lists.col_indices);
                          }
                          on_tile(tile, r0, c0, directions);
-                       });
+                       },
+                       Tiling::kCanonical);
   return lists;
 }
 

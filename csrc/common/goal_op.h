@@ -121,14 +121,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> goal_forw
     const MinedLists& lists = mined.lists;
     // 𝒫 spans every pair's positive; the mined lists read only the anchors'.
     const SortedPositives positives =
-        relative ? sort_positives<Engine>(anchors.all(n) ? lists.positive : row_dots(a, b), a_) : SortedPositives{};
+        relative ? sort_positives<Engine>(anchors.all(n) ? lists.row_positive : row_dots(a, b), a_) : SortedPositives{};
     const auto terms = at::zeros({2, n}, a.options());
     at::Tensor saved[2] = {at::zeros({n, 2}, a.options()), at::zeros({n, 2}, a.options())};
     const at::Tensor* hardest[2] = {&lists.row_values, &lists.col_values};
     const at::Tensor* index[2] = {&lists.row_indices, &lists.col_indices};
     const at::Tensor* sets[2] = {&mined.row_set, &mined.col_set};
+    const at::Tensor* own_positive[2] = {&lists.row_positive, &lists.col_positive};
     for (int direction = 0; direction < 2; ++direction) {
-      GoalAnchors<T> pass{options, lists.positive.data_ptr<T>(), hardest[direction]->data_ptr<T>(),
+      GoalAnchors<T> pass{options, own_positive[direction]->data_ptr<T>(), hardest[direction]->data_ptr<T>(),
                              index[direction]->data_ptr<int64_t>(), {}, nullptr, nullptr,
                              saved[direction].data_ptr<T>(), terms[direction].data_ptr<T>()};
       if (relative) {

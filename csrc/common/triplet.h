@@ -20,7 +20,9 @@ struct HingeSumPolicy {
     T sum = T(0);
     T active = T(0);
   };
-  static constexpr bool kPositiveFirst = true;
+  // A copy of the anchor's caption (or image) scores S_ii exactly: its hinge at margin 0 is
+  // exactly 0 and inactive only if S_ii is the value the tiles hold.
+  static constexpr bool kPositiveFromTiles = true;
   T margin;
 
   VSE_HOST_DEVICE T argument(T score, T positive) const { return margin + score - positive; }

@@ -59,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_f
     const auto lists = mine_negatives<Engine, scalar_t>(a, b, labels_ptr, width, anchors, row_chunk, col_chunk);
     auto row_weight = at::empty({n, width}, a.options()), col_weight = at::empty({n, width}, a.options());
     const auto terms = at::empty({2, n}, a.options());
-    Passes::hinge_terms(lists.row_values, lists.row_indices, lists.positive, m, row_weight, terms[0]);
-    Passes::hinge_terms(lists.col_values, lists.col_indices, lists.positive, m, col_weight, terms[1]);
+    Passes::hinge_terms(lists.row_values, lists.row_indices, lists.row_positive, m, row_weight, terms[0]);
+    Passes::hinge_terms(lists.col_values, lists.col_indices, lists.col_positive, m, col_weight, terms[1]);
     out = {sum_terms(terms), row_weight, col_weight, lists.row_indices, lists.col_indices};
   });
   return out;
