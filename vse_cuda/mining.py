@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from ._checkpoint import output_dir_problem
 from ._chunking import plan_chunks
 from ._validation import check_bool, check_compatible, check_embeddings, check_has_data, check_int, check_strided
 from .topk import topk_similar
@@ -381,17 +382,9 @@ def _to_tensor(array, device: str, dtype: torch.dtype) -> torch.Tensor:
 def _check_out_dir(out_dir: Path) -> None:
     """OUT_DIR must be (or become) a writable directory: checked before mining, so a bad path
     costs no computation (and the mined lists are never lost to it afterwards)."""
-    import os
-
-    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise _UsageError(f"OUT_DIR {out_dir}: {existing} is a file, not a directory")
-    if out_dir.exists():
-        for name in ("i2t.npy", "t2i.npy", "meta.json"):
-            if (out_dir / name).is_dir():
-                raise _UsageError(f"OUT_DIR {out_dir}: {out_dir / name} is a directory; the output goes there")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise _UsageError(f"OUT_DIR {out_dir}: {existing} is not writable")
+    problem = output_dir_problem(out_dir, ("i2t.npy", "t2i.npy", "meta.json"))
+    if problem:
+        raise _UsageError(f"OUT_DIR {out_dir}: {problem}")
 
 
 def _write_outputs(args: argparse.Namespace, i2t: torch.Tensor, t2i: torch.Tensor, shapes: dict,

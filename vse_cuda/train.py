@@ -55,7 +55,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import losses
-from ._checkpoint import CheckpointError, atomic_write, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from ._checkpoint import (CheckpointError, atomic_write, load_checkpoint, output_dir_problem, remove_stale_temporaries,
+                          save_checkpoint)
 from .data import CAPTIONS_PER_IMAGE, Dataset, DataError, SyntheticConfig, epoch_order, load_vse_dataset, \
     synthetic_dataset
 from .evaluate import METRICS, embed_split, format_table, recall_at_k, recall_table
@@ -719,15 +720,9 @@ def _loss_name(config: Config, round_: int) -> str:
 def check_run_dir(run_dir: Path) -> None:
     """``--run-dir`` must be (or become) a writable directory whose file names are free for the
     run's files; checked before any data is loaded or anything written (ConfigError otherwise)."""
-    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"--run-dir {run_dir}: {existing} is a file, not a directory")
-    taken = [name for name in RUN_FILES if (run_dir / name).is_dir()]
-    if taken:
-        raise ConfigError(f"--run-dir {run_dir}: {run_dir / taken[0]} is a directory, where the run writes "
-                          f"its {taken[0]} file; move it away")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--run-dir {run_dir}: {existing} is not writable")
+    problem = output_dir_problem(run_dir, RUN_FILES)
+    if problem:
+        raise ConfigError(f"--run-dir {run_dir}: {problem}")
 
 
 def _check_same_config(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
