@@ -1,4 +1,4 @@
-"""Tests of the oracle vse_cuda/reference.py against hand-computed values, the special cases of
+"""Tests of the oracle vse_cuda/reference/ against hand-computed values, the special cases of
 spec/losses.md, independent loop implementations and torch.autograd.gradcheck (float64).
 
 The oracle is loaded standalone from its path (it imports only torch), so these tests do not
@@ -8,14 +8,17 @@ need the compiled extension.
 import importlib.util
 import math
 import pathlib
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-_spec = importlib.util.spec_from_file_location(
-    "vse_reference", pathlib.Path(__file__).resolve().parents[1] / "vse_cuda" / "reference.py")
+_root = pathlib.Path(__file__).resolve().parents[1] / "vse_cuda" / "reference"
+_spec = importlib.util.spec_from_file_location("vse_reference", _root / "__init__.py",
+                                               submodule_search_locations=[str(_root)])
 ref = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = ref  # its modules import each other relative to the package
 _spec.loader.exec_module(ref)
 
 F64 = torch.float64

@@ -5,6 +5,7 @@ checkpoint, and the evaluate CLI reproduces the run's table."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 from pathlib import Path
 
@@ -174,8 +175,8 @@ def test_aoq_pool_beyond_the_mined_lists_fails_before_training(tmp_path):
 
 
 def test_aoq_without_the_mining_module_fails_before_training(tmp_path, monkeypatch):
-    real_find_spec = train.importlib.util.find_spec
-    monkeypatch.setattr(train.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "vse_cuda.mining" else real_find_spec(name, *a))
     with pytest.raises(train.ConfigError, match="needs vse_cuda.mining"):
         train.run([*TINY, "--run-dir", str(tmp_path), "--loss", "quintuplet", "--aoq-pool", "30"])

@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where the model embeds and ranks (default: cuda when a GPU is visible, else cpu)")
     args = parser.parse_args(argv)
-    # The harness is imported here, not at module level: recall functions stay light.
-    from . import train
+    # The run builders are imported here, not at module level: recall functions stay light.
+    from . import train_config
     from ._checkpoint import CheckpointError, load_checkpoint
     from .data import DataError
 
@@ -183,11 +183,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         if args.out is not None:  # before the work, so a bad path costs none of it
             _check_out_file(args.out)
         ckpt = load_checkpoint(args.checkpoint)
-        config = train.Config(**ckpt["config"])
+        config = train_config.Config(**ckpt["config"])
         if args.data is not None:
             config.data = str(args.data)
-        dataset = train.load_data(config, vocab=ckpt.get("vocab"))
-        model = train.make_model(config, dataset).to(train.resolve_device(args.device))
+        dataset = train_config.load_data(config, vocab=ckpt.get("vocab"))
+        model = train_config.make_model(config, dataset).to(train_config.resolve_device(args.device))
     except (CheckpointError, DataError, ValueError, TypeError) as err:
         sys.exit(f"python -m vse_cuda.evaluate: error: {err}")
     try:
