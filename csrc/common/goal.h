@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "common/engine.h"
+#include "common/engine_math.h"
 
 namespace vse {
 

@@ -1,6 +1,6 @@
 #pragma once
 // goal_forward / goal_backward (schemas in csrc/ops.cpp) for any backend of the chunked
-// engine (common/engine_host.h): cpu/goal.cpp and cuda/goal.cu register them with their
+// engine (common/engine_driver.h): cpu/goal.cpp and cuda/goal.cu register them with their
 // Engine. The mined lists (k = 1), for *_ms with the negative sets reduced in the same tile
 // sweep and the sorted positives built with ATen, feed the per-anchor math of common/goal.h;
 // the backward is sparse (gathers, no GEMM).
@@ -11,7 +11,7 @@
 #include <string_view>
 #include <tuple>
 
-#include "common/engine_host.h"
+#include "common/engine_driver.h"
 #include "common/goal.h"
 #include "common/loss_args.h"
 

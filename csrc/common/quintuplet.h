@@ -11,7 +11,7 @@
 // weight; the offline terms always count.
 #include <cstdint>
 
-#include "common/engine.h"
+#include "common/engine_math.h"
 
 namespace vse {
 

@@ -1,6 +1,6 @@
 #pragma once
 // quintuplet_forward / quintuplet_backward (schemas in csrc/ops.cpp) for any backend of the
-// chunked engine (common/engine_host.h): cpu/quintuplet.cpp and cuda/quintuplet.cu register
+// chunked engine (common/engine_driver.h): cpu/quintuplet.cpp and cuda/quintuplet.cu register
 // them with their Engine. The mined lists (k = 1) and four row-wise dots feed the per-anchor
 // math of common/quintuplet.h; the backward is sparse (gathers, no GEMM).
 #include <ATen/ATen.h>
@@ -9,7 +9,7 @@
 #include <array>
 #include <tuple>
 
-#include "common/engine_host.h"
+#include "common/engine_driver.h"
 #include "common/loss_args.h"
 #include "common/quintuplet.h"
 

@@ -4,13 +4,14 @@
 //   mining "all"     (VSE0):   Σ over valid negatives of h          -> HingeSumPolicy (dense)
 //   mining "hardest" (VSE++):  h of the hardest valid negative       -> mined_hinge_term, k = 1
 //   mining "topk":             mean of h over the k hardest valid    -> mined_hinge_term
+// (mined_hinge_term is the engine's, common/engine_math.h: its mined passes compute it.)
 #include <cstdint>
 
-#include "common/engine.h"
+#include "common/engine_math.h"
 
 namespace vse {
 
-// Dense policy (see common/engine.h for the interface) of mining "all": per anchor the sum of
+// Dense policy (see common/engine_math.h for the interface) of mining "all": per anchor the sum of
 // its hinges and the number of active ones. saved = {S_ii, −active}: an entry's gradient is
 // its hinge's indicator, recomputed from the same expression as in the forward; the
 // diagonal's is minus the count.
@@ -43,23 +44,5 @@ struct HingeSumPolicy {
   VSE_HOST_DEVICE T weight(T score, const T* saved) const { return hinge_grad(argument(score, saved[0])); }
   VSE_HOST_DEVICE T diagonal(const T* saved) const { return saved[1]; }
 };
-
-// Mined triplet term of one anchor from its list of hardest negatives (values best first,
-// empty slots with index −1): the mean of [m + v_s − S_ii]_+ over the listed negatives, 0
-// when there are none. weights[s] = ∂term/∂v_s; ∂term/∂S_ii is minus their sum.
-template <typename T>
-VSE_HOST_DEVICE T mined_hinge_term(const T* values, const int64_t* indices, int64_t k, T positive,
-                                   T margin, T* weights) {
-  int64_t count = 0;
-  while (count < k && indices[count] >= 0) ++count;
-  T sum = T(0);
-  for (int64_t s = 0; s < count; ++s) {
-    const T x = margin + values[s] - positive;
-    sum += hinge(x);
-    weights[s] = hinge_grad(x) / static_cast<T>(count);
-  }
-  for (int64_t s = count; s < k; ++s) weights[s] = T(0);
-  return count == 0 ? T(0) : sum / static_cast<T>(count);
-}
 
 }  // namespace vse

@@ -1,6 +1,6 @@
 #pragma once
 // triplet_forward / triplet_backward (schemas in csrc/ops.cpp) for any backend of the chunked
-// engine (common/engine_host.h): cpu/triplet.cpp and cuda/triplet.cu register them with their
+// engine (common/engine_driver.h): cpu/triplet.cpp and cuda/triplet.cu register them with their
 // Engine. Mining "all" is dense (recompute S in backward, HingeSumPolicy), "hardest"/"topk"
 // are sparse (mined lists, mined_hinge_term, gather backward); see common/triplet.h.
 #include <ATen/ATen.h>
@@ -10,7 +10,7 @@
 #include <string_view>
 #include <tuple>
 
-#include "common/engine_host.h"
+#include "common/engine_driver.h"
 #include "common/loss_args.h"
 #include "common/triplet.h"
 

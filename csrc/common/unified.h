@@ -3,20 +3,20 @@
 // by every backend. Per anchor row i (and likewise per anchor column):
 //   L_i = log(1 + Σ_{valid j} exp(x_ij)),   x_ij = γ ((S_ij − S_ii) + m)
 // as a running log-sum-exp of x_ij over the negatives. The difference S_ij − S_ii is formed
-// before γ multiplies it (S_ii known before the sweep, common/engine_host.h dense_positives):
+// before γ multiplies it (S_ii known before the sweep, common/engine_driver.h dense_positives):
 // forming γ S_ij and γ S_ii first and subtracting them loses every digit of the difference to
 // cancellation at large γ, and overflows where γ S does although x does not.
-#include "common/engine.h"
+#include "common/engine_math.h"
 
 namespace vse {
 
-// Dense policy (see common/engine.h for the interface). saved = {S_ii, L_i}: the softmax weight
+// Dense policy (see common/engine_math.h for the interface). saved = {S_ii, L_i}: the softmax weight
 // of negative j is π_ij = exp(x_ij − L_i), its gradient γ π_ij, and the diagonal's
 // −γ Σ_j π_ij = −γ (1 − e^−L_i) (spec §4.3).
 template <typename T>
 struct UnifiedPolicy {
   using State = LogSumExp<T>;
-  // Smooth in S_ii: the row-wise dot serves (engine_host.h dense_positives).
+  // Smooth in S_ii: the row-wise dot serves (engine_driver.h dense_positives).
   static constexpr bool kPositiveFromTiles = false;
   T scale;
   T margin;

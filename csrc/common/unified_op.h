@@ -1,13 +1,13 @@
 #pragma once
 // unified_forward / unified_backward (schemas in csrc/ops.cpp) for any backend of the chunked
-// engine (common/engine_host.h): the dense engine with the policy of common/unified.h.
+// engine (common/engine_driver.h): the dense engine with the policy of common/unified.h.
 // cpu/unified.cpp and cuda/unified.cu register them with their Engine.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
 #include <tuple>
 
-#include "common/engine_host.h"
+#include "common/engine_driver.h"
 #include "common/loss_args.h"
 #include "common/unified.h"
 

@@ -52,6 +52,6 @@ std::tuple<at::Tensor, at::Tensor> topk_similar(const at::Tensor& queries, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vse_cuda, CPU, m) { m.impl("topk_similar", &topk_similar); }
+VSE_REGISTER_KERNELS(CPU, m) { m.impl("topk_similar", &topk_similar); }
 
 }  // namespace vse::cpu

@@ -1,8 +1,8 @@
 #pragma once
-// Engine::for_each_anchor on CUDA (cuda/engine.h): fn(i) for every i < n, a thread each. A
-// template over the functor, so it lives in a header that the .cu files instantiating it
-// include (cuda/quintuplet.cu, cuda/goal.cu), not among the launchers of cuda/engine.cu.
-#include "cuda/engine.h"
+// Engine::for_each_anchor on CUDA (cuda/engine_passes.h): fn(i) for every i < n, a thread
+// each. A template over the functor, so it lives in a header that the .cu files
+// instantiating it include (cuda/quintuplet.cu, cuda/goal.cu).
+#include "cuda/engine_passes.h"
 
 namespace vse::cuda {
 

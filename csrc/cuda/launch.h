@@ -22,9 +22,6 @@
 #define VSE_KERNEL_DISPATCH_KEY CUDA
 #endif
 
-// Registers the kernels of this file for the namespace/dispatch key of the current build.
-#define VSE_REGISTER_KERNELS(m) TORCH_LIBRARY_IMPL(VSE_OPS_NAMESPACE, VSE_KERNEL_DISPATCH_KEY, m)
-
 #if defined(VSE_SIMT)
 // `extern __shared__` has no g++ spelling; the executor hands out the block's buffer.
 #define VSE_DYNAMIC_SHARED(T, name) T* name = ::simt::dynamic_shared<T>()

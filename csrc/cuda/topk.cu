@@ -45,6 +45,6 @@ std::tuple<at::Tensor, at::Tensor> topk_similar(const at::Tensor& queries, const
 
 }  // namespace
 
-VSE_REGISTER_KERNELS(m) { m.impl("topk_similar", &topk_similar); }
+VSE_REGISTER_KERNELS(VSE_KERNEL_DISPATCH_KEY, m) { m.impl("topk_similar", &topk_similar); }
 
 }  // namespace vse::cuda

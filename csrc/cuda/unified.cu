@@ -1,11 +1,15 @@
 // unified_forward / unified_backward on CUDA (and, compiled by g++, on the SIMT executor):
-// the ops of common/unified_op.h over the CUDA passes of the chunked engine (cuda/engine.h).
+// the ops of common/unified_op.h over the CUDA passes of the chunked engine
+// (cuda/engine_passes.h), with the dense passes of its policy instantiated here.
 #include "common/unified_op.h"
-#include "cuda/engine.h"
+#include "cuda/engine_launch.cuh"
 
 namespace vse::cuda {
 
-VSE_REGISTER_KERNELS(m) {
+template struct Engine::Dense<float, UnifiedPolicy<float>>;
+template struct Engine::Dense<double, UnifiedPolicy<double>>;
+
+VSE_REGISTER_KERNELS(VSE_KERNEL_DISPATCH_KEY, m) {
   m.impl("unified_forward", &unified_forward<Engine>);
   m.impl("unified_backward", &unified_backward<Engine>);
 }

@@ -523,7 +523,7 @@ TORCH_LIBRARY_FRAGMENT(VSE_OPS_NAMESPACE, m) {
 #endif
 }
 
-VSE_REGISTER_KERNELS(m) {
+VSE_REGISTER_KERNELS(VSE_KERNEL_DISPATCH_KEY, m) {
   m.impl("selftest_block_sum", &vse::selftest::selftest_block_sum);
   m.impl("selftest_block_atomic_sum", &vse::selftest::selftest_block_atomic_sum);
   m.impl("selftest_warp_ops", &vse::selftest::selftest_warp_ops);

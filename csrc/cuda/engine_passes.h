@@ -1,12 +1,13 @@
 #pragma once
-// The CUDA backend of the chunked loss engine (common/engine_host.h): the per-tile passes as
-// kernel launches on the current stream. Launchers in cuda/engine.cu, instantiated there for
-// every (T, Policy) the ops use; kernels in cuda/engine.cuh; for_each_anchor in
-// cuda/anchors.cuh. Compiled by nvcc for the GPU and by g++ for the SIMT executor
+// The CUDA backend of the chunked loss engine (common/engine_driver.h): the per-tile passes as
+// kernel launches on the current stream. The dense passes' launchers are templates in
+// cuda/engine_launch.cuh, instantiated by each loss's .cu for its policies; the mined passes'
+// are compiled once in cuda/engine_mined.cu; kernels in cuda/engine_kernels.cuh;
+// for_each_anchor in cuda/anchors.cuh. Compiled by nvcc for the GPU and by g++ for the SIMT executor
 // (cuda/launch.h).
 #include <ATen/ATen.h>
 
-#include "common/engine_host.h"
+#include "common/engine_driver.h"
 #include "cuda/launch.h"
 
 namespace vse::cuda {

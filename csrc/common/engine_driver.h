@@ -2,13 +2,13 @@
 // Host side of the chunked loss engine (DESIGN §3), shared by the CPU and CUDA backends: the
 // order of the sweeps, the state and saved layouts, the mined lists and the grouping of the
 // sparse gradient's entries by output row. Everything here is ATen on the tensors' device;
-// a backend supplies only its per-tile passes as an `Engine` (cpu/engine.h, cuda/engine.h):
+// a backend supplies only its per-tile passes as an `Engine` (cpu/engine_passes.h, cuda/engine_passes.h):
 //
 //   Engine::Guard(tensor)          keeps the tensor's device current for the op's duration
 //   Engine::for_each_anchor(n, fn) fn(i) for every i < n, in parallel; fn is a small
 //                                  VSE_HOST_DEVICE functor of common/ (raw device pointers)
 //                                  that writes only what belongs to its i
-//   Engine::Dense<T, Policy>       the passes of a dense policy (common/engine.h):
+//   Engine::Dense<T, Policy>       the passes of a dense policy (common/engine_math.h):
 //     rows(policy, tile, r0, c0, labels, positive, row_state)
 //         folds each tile row's valid negatives into its row anchor's state
 //     columns(policy, tile, r0, c0, labels, positive, col_state)
@@ -47,7 +47,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "common/engine.h"
+#include "common/engine_math.h"
 #include "common/tiles.h"
 
 namespace vse {

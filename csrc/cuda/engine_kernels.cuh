@@ -1,11 +1,10 @@
 #pragma once
-// Kernels of the chunked loss engine on CUDA (launchers: cuda/engine.cu; host side:
-// common/engine_host.h). Every tile is reduced by a fixed assignment of entries to threads
-// and a fixed merge order, and no two threads write one output: no float atomics, bitwise
-// reproducible from run to run. The math is common/'s: policies, is_negative,
+// Kernels of the chunked loss engine on CUDA (launchers: cuda/engine_launch.cuh and
+// cuda/engine_mined.cu; host side: common/engine_driver.h). Every tile is reduced by a fixed
+// assignment of entries to threads and a fixed merge order, and no two threads write one
+// output: no float atomics, bitwise reproducible from run to run. The math is common/'s: policies, is_negative,
 // dense_entry_gradient, mined_hinge_term.
-#include "common/engine.h"
-#include "common/triplet.h"
+#include "common/engine_math.h"
 #include "cuda/launch.h"
 
 namespace vse::cuda {

@@ -1,6 +1,6 @@
 #pragma once
 // The CPU backend of the chunked loss engine (DESIGN §3; the host orchestration, shared with
-// CUDA, is common/engine_host.h): loops only. Each tile of S is swept twice in row-major
+// CUDA, is common/engine_driver.h): loops only. Each tile of S is swept twice in row-major
 // order, once into per-row state or lists (rows in parallel), once into per-column state or
 // lists (blocks of columns in parallel). Every row's and column's state sees its entries in
 // increasing index, so the results do not depend on the thread count and no two threads
@@ -13,9 +13,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "common/engine.h"
-#include "common/engine_host.h"
-#include "common/triplet.h"
+#include "common/engine_math.h"
+#include "common/engine_driver.h"
 #include "cpu/topk.h"
 
 namespace vse::cpu {
@@ -54,7 +53,7 @@ void for_each_column_block(int64_t rows, int64_t cols, const Fn& fn) {
 // Anchors per task of for_each_anchor: a per-anchor functor does O(1) to O(log N) work.
 constexpr int64_t kAnchorGrain = 2048;
 
-// The per-tile passes of common/engine_host.h on CPU tensors.
+// The per-tile passes of common/engine_driver.h on CPU tensors.
 struct Engine {
   struct Guard {
     explicit Guard(const at::Tensor&) {}

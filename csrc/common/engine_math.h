@@ -2,12 +2,12 @@
 // Math of the chunked loss engine (DESIGN §3) shared by every backend: which entries of S
 // are negatives, the hinge, the running log-sum-exp and the gradient of a dense loss. The
 // per-loss policies built from these live in common/<loss>.h, the host orchestration in
-// common/engine_host.h; the CPU and CUDA files only loop over tiles.
+// common/engine_driver.h; the CPU and CUDA files only loop over tiles.
 //
 // Dense policy interface (common/triplet.h HingeSumPolicy, common/unified.h UnifiedPolicy):
 //   State                              an anchor's running state over its negatives
 //   kPositiveFromTiles                 add() compares S_ij with S_ii exactly: S_ii is then
-//                                      the value its tile holds (engine_host.h
+//                                      the value its tile holds (engine_driver.h
 //                                      dense_positives), otherwise the row-wise dot
 //   add(state, S_ij, S_ii)             folds in one valid negative
 //   merge(state, other)                folds in the state of other negatives of the same
@@ -100,7 +100,7 @@ struct LogSumExp {
 
 // The anchors whose terms a sweep of tiles serves: its rows' (i2t), its columns' (t2i) or
 // both. One process sweeps S once for both; a rank of a group sweeps its own rows against
-// every column, then every row against its own columns (common/engine_host.h).
+// every column, then every row against its own columns (common/engine_driver.h).
 enum Directions : int { kRowAnchors = 1, kColumnAnchors = 2, kBothAnchors = kRowAnchors | kColumnAnchors };
 
 // ∂L/∂S_ij of a dense loss (per unit of ∂/∂loss) from the saved values of row anchor i and
@@ -118,6 +118,24 @@ VSE_HOST_DEVICE T dense_entry_gradient(const Policy& policy, const int64_t* labe
   if (key != i) return T(0);
   const T own = rows ? policy.diagonal(row_saved + kSavedWidth * i) : T(0);
   return cols ? own + policy.diagonal(col_saved + kSavedWidth * i) : own;
+}
+
+// Mined hinge term of one anchor (triplet "hardest"/"topk", common/triplet.h) from its list of
+// hardest negatives (values best first, empty slots with index −1): the mean of
+// [m + v_s − S_ii]_+ over the listed negatives, 0 when there are none. weights[s] = ∂term/∂v_s; ∂term/∂S_ii is minus their sum.
+template <typename T>
+VSE_HOST_DEVICE T mined_hinge_term(const T* values, const int64_t* indices, int64_t k, T positive,
+                                   T margin, T* weights) {
+  int64_t count = 0;
+  while (count < k && indices[count] >= 0) ++count;
+  T sum = T(0);
+  for (int64_t s = 0; s < count; ++s) {
+    const T x = margin + values[s] - positive;
+    sum += hinge(x);
+    weights[s] = hinge_grad(x) / static_cast<T>(count);
+  }
+  for (int64_t s = count; s < k; ++s) weights[s] = T(0);
+  return count == 0 ? T(0) : sum / static_cast<T>(count);
 }
 
 }  // namespace vse
