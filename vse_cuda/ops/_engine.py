@@ -39,16 +39,15 @@ def check_pair(img: object, txt: object, *, group: object = None, **more: object
     return img.size(0)
 
 
-def check_engine_options(reduction: object, normalize: object, group: object,
-                         chunk_size: object) -> tuple[str, bool, object, int | None]:
-    """The keywords every loss takes, checked, in this order: (reduction, normalize, group,
-    chunk_size)."""
-    reduction = check_choice("reduction", reduction, REDUCTIONS)
+def check_engine_options(normalize: object, reduction: object, group: object,
+                         chunk_size: object) -> tuple[bool, str, object, int | None]:
+    """The keywords every loss takes, checked: (normalize, reduction, group, chunk_size)."""
     check_bool("normalize", normalize)
+    reduction = check_choice("reduction", reduction, REDUCTIONS)
     check_group("group", group)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, 1)
-    return reduction, normalize, group, chunk_size
+    return normalize, reduction, group, chunk_size
 
 
 class Batch(NamedTuple):

@@ -29,7 +29,7 @@ def _check_options(triplet_weight, pair_weight, tau, a, b, lam, normalize, reduc
     a = check_finite("a", a, positive=True)
     b = check_finite("b", b, positive=True)
     lam = check_finite("lam", lam)
-    reduction, normalize, group, chunk_size = _engine.check_engine_options(reduction, normalize, group, chunk_size)
+    normalize, reduction, group, chunk_size = _engine.check_engine_options(normalize, reduction, group, chunk_size)
     return triplet_weight, pair_weight, tau, a, b, lam, normalize, reduction, group, chunk_size
 
 

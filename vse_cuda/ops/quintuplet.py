@@ -29,7 +29,7 @@ def _check_options(margin_online, margin_offline, alpha, beta, detach_weights, n
     alpha = check_finite("alpha", alpha, positive=True)
     beta = check_finite("beta", beta)
     check_bool("detach_weights", detach_weights)
-    reduction, normalize, group, chunk_size = _engine.check_engine_options(reduction, normalize, group, chunk_size)
+    normalize, reduction, group, chunk_size = _engine.check_engine_options(normalize, reduction, group, chunk_size)
     return margin_online, margin_offline, alpha, beta, detach_weights, normalize, reduction, group, chunk_size
 
 

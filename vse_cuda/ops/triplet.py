@@ -25,7 +25,7 @@ def _check_options(margin, mining, k, normalize, reduction, group, chunk_size):
     margin = check_finite("margin", margin)
     mining = check_choice("mining", mining, MINING_MODES)
     check_int("k", k, 1)
-    reduction, normalize, group, chunk_size = _engine.check_engine_options(reduction, normalize, group, chunk_size)
+    normalize, reduction, group, chunk_size = _engine.check_engine_options(normalize, reduction, group, chunk_size)
     return margin, mining, k, normalize, reduction, group, chunk_size
 
 

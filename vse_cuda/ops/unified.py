@@ -1,9 +1,9 @@
 """The unified pair-similarity loss (spec §4.2): a log-sum-exp over each anchor's negatives.
 
-Its pieces, by name: csrc/common/unified.h (each anchor's running log-sum-exp), csrc/common/unified_op.h
-(unified_forward / unified_backward on the engine), csrc/cpu/unified.cpp, csrc/cuda/unified.cu,
-the schemas in csrc/ops.cpp; tested by python_tests/test_unified.py; benchmarked by
-benchmarks/bench_losses.py (variant unified).
+Its pieces, by name: csrc/common/unified.h (each anchor's running log-sum-exp),
+csrc/common/unified_op.h (unified_forward / unified_backward on the engine),
+csrc/cpu/unified.cpp, csrc/cuda/unified.cu, the schemas in csrc/ops.cpp; tested by
+python_tests/test_unified.py; benchmarked by benchmarks/bench_losses.py (variant unified).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _check_options(scale, margin, normalize, reduction, group, chunk_size):
     (scale, margin, normalize, reduction, group, chunk_size)."""
     scale = check_finite("scale", scale, positive=True)
     margin = check_finite("margin", margin)
-    reduction, normalize, group, chunk_size = _engine.check_engine_options(reduction, normalize, group, chunk_size)
+    normalize, reduction, group, chunk_size = _engine.check_engine_options(normalize, reduction, group, chunk_size)
     return scale, margin, normalize, reduction, group, chunk_size
 
 
