@@ -87,7 +87,7 @@ def tile_columns(cols: int | None):
         rows = plan_chunks(n, m, dtype, row_chunk).rows
         return plan_chunks(n, m, dtype, row_chunk, budget=cols * rows * score_bytes(dtype))
 
-    with mock.patch.object(vse_cuda.losses, "plan_chunks", plan), mock.patch.object(vse_cuda.topk, "plan_chunks", plan):
+    with mock.patch("vse_cuda.ops._engine.plan_chunks", plan), mock.patch("vse_cuda.ops.topk.plan_chunks", plan):
         yield
 
 

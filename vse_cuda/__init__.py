@@ -1,7 +1,9 @@
 """vse_cuda: fused, memory-bounded similarity, top-k mining and retrieval losses for PyTorch.
 
 Backends: CPU kernels always, CUDA kernels when built with nvcc (see :func:`backends`).
-The oracle every kernel is tested against is :mod:`vse_cuda.reference`.
+The oracle every kernel is tested against is :mod:`vse_cuda.reference`. Each op (its
+function, module, fake kernels and autograd) lives in :mod:`vse_cuda.ops`, one module per op
+named as in csrc.
 """
 
 from . import distributed

@@ -1,24 +1,8 @@
-"""The similarity matrix S = a·bᵀ (inner product; cosine when the encoders L2-normalize)."""
+"""The similarity matrix S = a·bᵀ (inner product; cosine when the encoders L2-normalize).
 
-from __future__ import annotations
+The function lives in :mod:`vse_cuda.ops.similarity`; this module keeps its public name.
+"""
 
-import torch
-import torch.nn.functional as F
+from .ops.similarity import similarity
 
-from ._validation import check_bool, check_compatible, check_embeddings
-
-
-def similarity(a: torch.Tensor, b: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
-    """S[i, j] = ⟨a_i, b_j⟩, or ⟨a_i/‖a_i‖, b_j/‖b_j‖⟩ with ``normalize=True``.
-
-    One GEMM on the inputs' device (MKL / cuBLAS); differentiable. Half inputs give a half
-    result accumulated in float32 by the GEMM. This materializes N×M: the losses and
-    :func:`vse_cuda.topk_similar` never call it.
-    """
-    check_embeddings("a", a)
-    check_embeddings("b", b)
-    check_compatible(("a", "b"), (a, b))
-    check_bool("normalize", normalize)
-    if normalize:
-        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    return a @ b.T
+__all__ = ["similarity"]
