@@ -111,14 +111,7 @@ def test_the_circle_check_sees_local_relative_and_package_imports(tmp_path):
     assert find_cycle(import_graph(pkg)) == ["vse_cuda._x", "vse_cuda.ops", "vse_cuda.ops.t", "vse_cuda._x"]
 
 
-def _size_case(path: Path) -> object:
-    rel = path.relative_to(PACKAGE).as_posix()
-    if rel == "losses.py":
-        return pytest.param(path, id=rel, marks=pytest.mark.xfail(strict=False, reason="split by the ops branch"))
-    return pytest.param(path, id=rel)
-
-
-@pytest.mark.parametrize("path", [_size_case(p) for p in sorted(PACKAGE.rglob("*.py"))])
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.relative_to(PACKAGE).as_posix())
 def test_no_file_over_the_line_limit(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {lines} lines (limit {MAX_LINES}): split it"

@@ -4,8 +4,10 @@ process group, the chunk plan, the reduction, and the registration of each op's 
 and autograd in both op namespaces (``torch.ops.vse_cuda`` and, when built, the test-only
 ``torch.ops.vse_simt``).
 
-The engine's C++ is csrc/common/engine.h (tile math), csrc/common/engine_host.h (the chunk
-loop), csrc/cpu/engine.h and csrc/cuda/engine.{h,cuh,cu}; the schemas are in csrc/ops.cpp.
+The engine's C++, by role: csrc/common/engine_math.h (the math every policy shares),
+csrc/common/engine_driver.h (the host loop over tiles), csrc/common/tiles.h (the tile plan),
+csrc/cpu/engine_passes.h, csrc/cuda/engine_passes.h (the per-tile passes), engine_kernels.cuh,
+engine_launch.cuh and engine_mined.cu; the schemas are in csrc/ops.cpp.
 """
 
 from __future__ import annotations
