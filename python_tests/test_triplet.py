@@ -11,6 +11,11 @@ dense_rows_kernel, dense_columns_kernel, dense_finish_kernel, dense_gradient_ker
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
