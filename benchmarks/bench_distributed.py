@@ -59,12 +59,10 @@ configuration, so an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
 import os
-import shlex
 import signal
 import statistics
 import sys
@@ -81,6 +79,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from _harness import available_memory_bytes, machine_info, malloc_trim, measure_calls, offer_to_oom_killer
+from _report import (add_common_arguments, fmt, heading, log_log, new_parser, parse_profile, print_written, pyplot,
+                     run_saving_each, save_figure, start_run, status_cell, table, write_csv)
 
 METHODS = ("ours", "baseline")
 LOSSES = ("triplet_hardest", "unified")
@@ -332,7 +332,7 @@ def run_config(cfg: dict[str, Any], args: argparse.Namespace, tmp: Path) -> list
             dirs[method] = tmp / f"{method}_w{cfg['world']}_{cfg['loss']}_n{cfg['n']}_d{cfg['dim']}"
             row.update(run_case(method, cfg, args, dirs[method]))
         print(f"[bench_distributed] world={cfg['world']} {cfg['loss']} n={cfg['n']} D={cfg['dim']} {method}: "
-              f"{row['status']} {_fmt(row['seconds'], '.3f')} s, {_fmt(row['extra_peak_mib'], '.0f')} MiB/rank "
+              f"{row['status']} {fmt(row['seconds'], '.3f')} s, {fmt(row['extra_peak_mib'], '.0f')} MiB/rank "
               f"{row['detail']}", flush=True)
     check(rows, dirs, cfg, args)
     for row in rows.values():
@@ -384,27 +384,12 @@ def _rel(a: float | None, b: float | None) -> float | None:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 # --------------------------------------------------------------------------------- reports
 
+#: One line per (configuration, method); ratios are baseline ÷ ours on both lines.
 CSV_FIELDS = ["world", "loss", "n", "n_global", "dim", "method", "status", "seconds", "cpu_seconds",
               "extra_peak_mib", "time_ratio", "cpu_ratio", "mem_ratio", "sent_mib", "loss_sum", "loss_rel_diff",
               "grad_rel_diff", "oracle_rel_diff", "load_before", "all_seconds", "extra_peak_mib_ranks", "detail"]
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """One line per (configuration, method); ratios are baseline ÷ ours on both lines."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            out = {key: row[key] for key in CSV_FIELDS}
-            out["all_seconds"] = " ".join(f"{s:.4f}" for s in row["all_seconds"])
-            out["extra_peak_mib_ranks"] = " ".join(f"{m:.1f}" for m in row["extra_peak_mib_ranks"])
-            writer.writerow(out)
 
 
 def _pairs(rows: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
@@ -418,36 +403,30 @@ def _pairs(rows: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
     return out
 
 
-def _status(row: dict[str, Any]) -> str:
-    return row["status"] if row["status"] == "ok" else f"{row['status']}: {row['detail']}"
-
-
 def _cell_status(ours: dict, base: dict) -> str:
     if ours["status"] == base["status"] == "ok":
         return "ok"
     if ours["status"] == base["status"] and ours["detail"] == base["detail"]:
-        return _status(ours)
-    return f"ours {_status(ours)}; baseline {_status(base)}"
+        return status_cell(ours)
+    return f"ours {status_cell(ours)}; baseline {status_cell(base)}"
 
 
 def results_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| ranks | loss | n | N | D | ours s | baseline s | **time ÷** | ours CPU s | baseline CPU s | CPU ÷ | "
-             "ours MiB/rank | baseline MiB/rank | **mem ÷** | sent MiB/rank ours / baseline | "
-             "Δloss ours vs baseline | Δgrad | Δloss vs oracle ours / baseline | load | status |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|"]
+    cells = []
     for ours, base in _pairs(rows):
         oracle = ("-" if ours["oracle_rel_diff"] is None and base["oracle_rel_diff"] is None
-                  else f"{_fmt(ours['oracle_rel_diff'], '.1e')} / {_fmt(base['oracle_rel_diff'], '.1e')}")
-        lines.append(
-            f"| {ours['world']} | {ours['loss']} | {ours['n']} | {ours['n_global']} | {ours['dim']} | "
-            f"{_fmt(ours['seconds'], '.3f')} | {_fmt(base['seconds'], '.3f')} | {_fmt(ours['time_ratio'], '.2f')} | "
-            f"{_fmt(ours['cpu_seconds'], '.3f')} | {_fmt(base['cpu_seconds'], '.3f')} | "
-            f"{_fmt(ours['cpu_ratio'], '.2f')} | "
-            f"{_fmt(ours['extra_peak_mib'], '.1f')} | {_fmt(base['extra_peak_mib'], '.1f')} | "
-            f"{_fmt(ours['mem_ratio'], '.1f')} | {ours['sent_mib']:.2f} / {base['sent_mib']:.2f} | "
-            f"{_fmt(ours['loss_rel_diff'], '.1e')} | {_fmt(ours['grad_rel_diff'], '.1e')} | {oracle} | "
-            f"{_fmt(ours['load_before'], '.1f')} | {_cell_status(ours, base)} |")
-    return lines
+                  else f"{fmt(ours['oracle_rel_diff'], '.1e')} / {fmt(base['oracle_rel_diff'], '.1e')}")
+        cells.append([ours["world"], ours["loss"], ours["n"], ours["n_global"], ours["dim"],
+                      fmt(ours["seconds"], ".3f"), fmt(base["seconds"], ".3f"), fmt(ours["time_ratio"], ".2f"),
+                      fmt(ours["cpu_seconds"], ".3f"), fmt(base["cpu_seconds"], ".3f"), fmt(ours["cpu_ratio"], ".2f"),
+                      fmt(ours["extra_peak_mib"], ".1f"), fmt(base["extra_peak_mib"], ".1f"),
+                      fmt(ours["mem_ratio"], ".1f"), f"{ours['sent_mib']:.2f} / {base['sent_mib']:.2f}",
+                      fmt(ours["loss_rel_diff"], ".1e"), fmt(ours["grad_rel_diff"], ".1e"), oracle,
+                      fmt(ours["load_before"], ".1f"), _cell_status(ours, base)])
+    return table(["ranks", "loss", "n", "N", "D", "ours s", "baseline s", "**time ÷**", "ours CPU s", "baseline CPU s",
+                  "CPU ÷", "ours MiB/rank", "baseline MiB/rank", "**mem ÷**", "sent MiB/rank ours / baseline",
+                  "Δloss ours vs baseline", "Δgrad", "Δloss vs oracle ours / baseline", "load", "status"],
+                 "rlrrrrrrrrrrrrlrrlrl", cells)
 
 
 def headline(rows: list[dict[str, Any]]) -> list[str]:
@@ -476,11 +455,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
     now = datetime.datetime.now(datetime.timezone.utc)
     case_loads = [r["load_before"] for r in rows if r["load_before"] is not None]
     skipped = sorted({f"{r['world']} ranks n={r['n']} D={r['dim']}" for r in rows if r["status"] == "skipped"})
-    lines = [
-        "# Exact global negatives across ranks: vse_cuda `group=` vs open_clip-style materialized local loss",
-        "",
-        f"Command: `{command}`",
-        "",
+    lines = heading("Exact global negatives across ranks: vse_cuda `group=` vs open_clip-style materialized local "
+                    "loss", command) + [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; torch {info['torch']}, "
         f"vse_cuda {info['vse_cuda']}, Python {info['python']}; gloo over loopback, **1 intra-op thread per "
         "rank: 2 ranks fill the 2 cores, 4 ranks oversubscribe them** (ranks time-share the cores, so 4-rank "
@@ -526,12 +502,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
 def write_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     """Time and per-rank memory against global N (log-log): one panel per (metric, loss), one
     line per (method, ranks, D); False when matplotlib is missing or nothing ran."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     done = [r for r in rows if r["status"] == "ok"]
     losses = [loss for loss in LOSSES if any(r["loss"] == loss for r in done)]
@@ -545,10 +517,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> bool:
             axes[row_i][col].set_ylabel(label)
             axes[row_i][col].set_title(f"{loss}: {label}")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, dpi=110)
 
 
 def _plot_panel(ax, rows: list[dict[str, Any]], key: str) -> None:
@@ -563,24 +532,18 @@ def _plot_panel(ax, rows: list[dict[str, Any]], key: str) -> None:
                     ax.plot([r["n_global"] for r in line], [r[key] for r in line], color=colors[method],
                             marker=markers.get(world, "^"), linestyle="-" if dim == min(r["dim"] for r in rows)
                             else "--", label=f"{method}, {world} ranks, D={dim}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("global N = ranks · n")
-    ax.grid(True, which="both", alpha=0.3)
+    log_log(ax, "global N = ranks · n")
 
 
 # ------------------------------------------------------------------------------------ main
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = new_parser(__doc__)
     parser.add_argument("--worlds", type=int, nargs="+", help=f"ranks (default {DEFAULTS['worlds']})")
     parser.add_argument("--sizes", type=int, nargs="+", help=f"per-rank batch n (default {DEFAULTS['sizes']})")
     parser.add_argument("--dims", type=int, nargs="+", help=f"embedding widths D (default {DEFAULTS['dims']})")
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--repeats", type=int, help=f"measured steps (default {DEFAULTS['repeats']})")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
     # 110 keeps the default grid within 20 minutes on the loaded 2-core machine (12 min measured,
     # process start-up of ~15 s per case included); it leaves out 4 ranks × n=4096 and n=2048 × D=1024 on 4 ranks,
     # n=4096 × D=1024 on 2 ranks (206–825 GFLOP per rank and step, 4 steps per case).
@@ -589,52 +552,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mem-fraction", type=float, default=0.6,
                         help="skip baselines whose [n, N] buffers over all ranks would need more than this "
                              "fraction of the available memory")
-    parser.add_argument("--timeout", type=float, default=600.0, help="wall-clock limit of one case (s)")
-    parser.add_argument("--seed", type=int, default=0, help="data seed")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="where distributed.csv / .md / .png go")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"tiny sizes for a smoke test ({QUICK}); explicit flags still win")
-    args = parser.parse_args(argv)
-    for name, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    add_common_arguments(parser, stem="distributed", defaults=DEFAULTS, quick=QUICK, unit="steps", timeout=600.0)
+    args = parse_profile(parser, argv, DEFAULTS, QUICK)
     if min(args.worlds) < 2 or min(args.sizes) < 2 or min(args.dims) < 1:
         parser.error("need --worlds >= 2, --sizes >= 2, --dims >= 1")
-    if args.repeats < 1 or args.warmup < 0 or args.timeout <= 0:
-        parser.error("need --repeats >= 1, --warmup >= 0, --timeout > 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 1 when ours and the baseline (or the oracle) disagree."""
     args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else argv))
+    command, stem = start_run(args, argv, "distributed")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"  # inherited by the spawned ranks: 1 intra-op thread each
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "distributed_quick" if args.quick else "distributed"
     started, start_load, t0 = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()[0], time.perf_counter()
     info = machine_info(1, ("vse_cuda",))
     configs = plan_configs(args)
     print(f"[bench_distributed] {len(configs)} configurations; writing {stem}.* to {args.out_dir}", flush=True)
     rows: list[dict[str, Any]] = []
-    finished = False
+
+    def save(loads: tuple, finished: bool) -> None:
+        write_csv(args.out_dir / f"{stem}.csv", CSV_FIELDS, rows,
+                  joined={"all_seconds": ".4f", "extra_peak_mib_ranks": ".1f"})
+        write_markdown(rows, args.out_dir / f"{stem}.md", args, command, info, started, loads, finished)
+
     with tempfile.TemporaryDirectory(prefix="bench_distributed_") as tmp:
-        try:
-            for cfg in configs:
-                rows += run_config(cfg, args, Path(tmp))
-                write_csv(rows, args.out_dir / f"{stem}.csv")
-                write_markdown(rows, args.out_dir / f"{stem}.md", args, command, info, started, (start_load,), False)
-            finished = True
-        finally:
-            write_csv(rows, args.out_dir / f"{stem}.csv")
-            write_markdown(rows, args.out_dir / f"{stem}.md", args, command, info, started,
-                           (start_load, os.getloadavg()[0]), finished)
-    plotted = write_plot(rows, args.out_dir / f"{stem}.png")
-    print((args.out_dir / f"{stem}.md").read_text())
-    print(f"[bench_distributed] wrote {stem}.csv, {stem}.md{', ' + stem + '.png' if plotted else ''} in "
-          f"{args.out_dir} after {(time.perf_counter() - t0) / 60:.1f} min")
+        run_saving_each(configs, lambda cfg: rows.extend(run_config(cfg, args, Path(tmp))), save, start_load)
+    print_written("bench_distributed", args.out_dir, stem, write_plot(rows, args.out_dir / f"{stem}.png"),
+                  f" after {(time.perf_counter() - t0) / 60:.1f} min")
     return 1 if any(r["status"] == "WRONG" for r in rows) else 0
 
 

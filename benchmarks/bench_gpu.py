@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import machine_info, measure_calls  # noqa: E402
+from _report import add_common_arguments, fmt, new_parser, parse_profile, table, write_csv  # noqa: E402
 
 import vse_cuda  # noqa: E402
 import vse_cuda.reference as reference  # noqa: E402
@@ -213,7 +213,7 @@ def run_sweep(args: argparse.Namespace, device: torch.device, rate_device: cost_
                             row["x_gemm"] = row["median_ms"] / 1e3 / gemm_s
                         rows.append(row)
                         print(f"[bench_gpu] {loss} {method} N={n} D={dim} {dtype_name}: {row['status']} "
-                              f"{_fmt(row.get('median_ms'), '.3f')} ms (model {row['model_ms']:.3f} ms) {row['detail']}",
+                              f"{fmt(row.get('median_ms'), '.3f')} ms (model {row['model_ms']:.3f} ms) {row['detail']}",
                               flush=True)
     return rows
 
@@ -251,45 +251,30 @@ def run_case(loss, method, n, dim, dtype, device, cost, rate_device, deadline, c
 
 def write_reports(rows: list[dict], out_dir: Path, stem: str, header: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / f"{stem}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [*header, "", "| loss | method | N | D | dtype | status | median ms | × GEMM | TFLOP/s | extra MiB | "
-             "model ms | model GB | detail |", "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['loss']} | {r['method']} | {r['n']} | {r['dim']} | {r['dtype']} | {r['status']} | "
-                     f"{_fmt(r.get('median_ms'), '.3f')} | {_fmt(r.get('x_gemm'), '.2f')} | "
-                     f"{_fmt(r.get('tflops'), '.3g')} | {_fmt(r.get('extra_mib'), '.1f')} | {r['model_ms']:.3f} | "
-                     f"{r['model_gb']:.3f} | {r['detail']} |")
+    write_csv(out_dir / f"{stem}.csv", CSV_FIELDS, rows)
+    lines = [*header, ""] + table(
+        ["loss", "method", "N", "D", "dtype", "status", "median ms", "× GEMM", "TFLOP/s", "extra MiB", "model ms",
+         "model GB", "detail"], "llrrllrrrrrrl",
+        ([r["loss"], r["method"], r["n"], r["dim"], r["dtype"], r["status"], fmt(r.get("median_ms"), ".3f"),
+          fmt(r.get("x_gemm"), ".2f"), fmt(r.get("tflops"), ".3g"), fmt(r.get("extra_mib"), ".1f"),
+          f"{r['model_ms']:.3f}", f"{r['model_gb']:.3f}", r["detail"]] for r in rows))
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = new_parser(__doc__, show_defaults=False)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help=f"tiny shapes {QUICK}")
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--dims", type=int, nargs="+")
     p.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"])
     p.add_argument("--fp32-max-n", type=int, default=32768, help="float32 cases only up to this N")
-    p.add_argument("--warmup", type=int, help="unmeasured calls per case (default 2)")
-    p.add_argument("--repeats", type=int, help="measured calls per case, the median reported (default 10)")
     p.add_argument("--budget-s", type=float, help="seconds the sweep may take, by the model's predictions "
                                                   "(default 150)")
     p.add_argument("--mem-fraction", type=float, default=0.8)
-    p.add_argument("--out-dir", type=Path, required=True)
-    args = p.parse_args(argv)
-    profile = QUICK if args.quick else FULL
-    for name, value in profile.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.repeats < 1 or args.warmup < 0 or args.budget_s <= 0:
-        p.error("need --repeats >= 1, --warmup >= 0, --budget-s > 0")
+    add_common_arguments(p, stem="bench_gpu", defaults=FULL, quick=QUICK, warmup=None, seed=False, out_dir=None)
+    args = parse_profile(p, argv, FULL, QUICK)
+    if args.budget_s <= 0:
+        p.error("need --budget-s > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu")
     return args

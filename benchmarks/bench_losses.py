@@ -47,11 +47,9 @@ after every configuration, so an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -61,6 +59,8 @@ from typing import Any, Callable
 import torch
 
 from _harness import Measurement, available_memory_bytes, machine_info, malloc_trim, run_isolated
+from _report import (add_common_arguments, div, fmt, heading, log_log, new_parser, parse_profile, print_written,
+                     pyplot, run_saving_each, save_figure, start_run, status_cell, table, write_csv)
 
 _MiB = 2**20
 _GiB = 2**30
@@ -355,8 +355,8 @@ class Runner:
                              timeout_s=self.args.timeout, save_result=save)
         self.history.setdefault(key, []).append((n, m))
         label = f"N={n} D={dim} {dtype} {variant if method != 'gemm_floor' else ''} {method}"
-        print(f"[bench_losses] {label}: {m.status} {_fmt(m.median_s, '.4g')} s, extra peak "
-              f"{_fmt(m.extra_peak_mib, '.0f')} MiB, {calls[0]}+{calls[1]} calls {m.detail}", flush=True)
+        print(f"[bench_losses] {label}: {m.status} {fmt(m.median_s, '.4g')} s, extra peak "
+              f"{fmt(m.extra_peak_mib, '.0f')} MiB, {calls[0]}+{calls[1]} calls {m.detail}", flush=True)
         return m, load, calls
 
     def floor(self, n: int, dim: int, dtype: str, big: bool) -> dict[str, Any]:
@@ -408,11 +408,11 @@ class Runner:
                    "method": method, "status": m.status, "detail": m.detail, "seconds": m.median_s,
                    "all_seconds": m.seconds, "cpu_seconds": m.median_cpu_s, "warmup": calls[0],
                    "repeats": calls[1], "extra_peak_mib": m.extra_peak_mib, "load_before": load,
-                   "x_gemm": _div(m.median_s, floor_s),
-                   "x_fused": _div(m.median_s, fused.median_s if fused and fused.ok else None),
-                   "mem_x_fused": _div(m.extra_peak_bytes, fused.extra_peak_bytes if fused_ok else None),
+                   "x_gemm": div(m.median_s, floor_s),
+                   "x_fused": div(m.median_s, fused.median_s if fused and fused.ok else None),
+                   "mem_x_fused": div(m.extra_peak_bytes, fused.extra_peak_bytes if fused_ok else None),
                    "grad_mib": grads / _MiB, "working_mib": None if work is None else work / _MiB,
-                   "work_x_fused": _div(work, fused_work),
+                   "work_x_fused": div(work, fused_work),
                    "loss_rel_diff": None, "grad_rel_diff": None}
             if method == "vse_cuda" and check is not None:
                 row["loss_rel_diff"], row["grad_rel_diff"] = check
@@ -454,30 +454,12 @@ def preflight(variants: list[str], dtypes: list[str], seed: int) -> None:
                                  f"!= oracle {ref[0].item():.6g}")
 
 
-def _div(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 # ------------------------------------------------------------------------------- reports
 
+#: One line per (configuration, method); the GEMM floor is repeated for every variant.
 CSV_FIELDS = ["variant", "n", "dim", "dtype", "threads", "method", "status", "seconds", "x_gemm", "x_fused",
               "cpu_seconds", "extra_peak_mib", "mem_x_fused", "grad_mib", "working_mib", "work_x_fused",
               "loss_rel_diff", "grad_rel_diff", "warmup", "repeats", "load_before", "all_seconds", "detail"]
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """One line per (configuration, method); the GEMM floor is repeated for every variant."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            out = {key: row[key] for key in CSV_FIELDS}
-            out["all_seconds"] = " ".join(f"{s:.4f}" for s in row["all_seconds"])
-            writer.writerow(out)
 
 
 def _find(rows: list[dict[str, Any]], variant: str, n: int, dim: int, dtype: str, method: str) -> dict | None:
@@ -519,10 +501,10 @@ def targets_section(rows: list[dict[str, Any]], big: list[int] | None) -> list[s
                          f"{_verdict(speedup >= TARGET_SPEEDUP)}")
             lines.append(f"- {head}, extra peak ≤ 1/20 of the oracle's, as measured (the {fused['grad_mib']:.0f} MiB "
                          f"of gradients included): fused {fused['extra_peak_mib']:.0f} MiB, oracle "
-                         f"{oracle['extra_peak_mib']:.0f} MiB, fused = 1/{_fmt(mem_ratio, '.1f')} "
+                         f"{oracle['extra_peak_mib']:.0f} MiB, fused = 1/{fmt(mem_ratio, '.1f')} "
                          f"{_mem_verdict(fused['extra_peak_mib'], mem_ratio)}; working memory (gradients "
                          f"subtracted from both): fused {fused['working_mib']:.0f} MiB, oracle "
-                         f"{oracle['working_mib']:.0f} MiB, fused = 1/{_fmt(work_ratio, '.1f')} "
+                         f"{oracle['working_mib']:.0f} MiB, fused = 1/{fmt(work_ratio, '.1f')} "
                          f"{_mem_verdict(fused['working_mib'], work_ratio)}")
         else:
             lines.append(f"- {head}, against the oracle: oracle not measured"
@@ -535,18 +517,19 @@ def targets_section(rows: list[dict[str, Any]], big: list[int] | None) -> list[s
                      "with both measured.")
     else:
         lines += ["- Unified forward+backward, no slower than the oracle, extra peak ≤ 1/20 of the oracle's "
-                  "(every configuration where both ran):", "",
-                  "  | N | D | dtype | fused s | oracle s | oracle ÷ fused time | fused MiB | oracle MiB | "
-                  "oracle ÷ fused memory | the same, gradients subtracted | time | memory | memory, gradients "
-                  "subtracted |",
-                  "  |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+                  "(every configuration where both ran):", ""]
+        cells = []
         for f, o in pairs:
             speed = o["seconds"] / f["seconds"]
             mem, work = o["mem_x_fused"], o["work_x_fused"]
-            lines.append(f"  | {f['n']} | {f['dim']} | {f['dtype']} | {f['seconds']:.3f} | {o['seconds']:.3f} | "
-                         f"{speed:.2f} | {f['extra_peak_mib']:.0f} | {o['extra_peak_mib']:.0f} | "
-                         f"{_fmt(mem, '.1f')} | {_fmt(work, '.1f')} | {_verdict(speed >= 1)} | "
-                         f"{_mem_verdict(f['extra_peak_mib'], mem)} | {_mem_verdict(f['working_mib'], work)} |")
+            cells.append([f["n"], f["dim"], f["dtype"], f"{f['seconds']:.3f}", f"{o['seconds']:.3f}", f"{speed:.2f}",
+                          f"{f['extra_peak_mib']:.0f}", f"{o['extra_peak_mib']:.0f}", fmt(mem, ".1f"),
+                          fmt(work, ".1f"), _verdict(speed >= 1), _mem_verdict(f["extra_peak_mib"], mem),
+                          _mem_verdict(f["working_mib"], work)])
+        lines += ["  " + line for line in table(
+            ["N", "D", "dtype", "fused s", "oracle s", "oracle ÷ fused time", "fused MiB", "oracle MiB",
+             "oracle ÷ fused memory", "the same, gradients subtracted", "time", "memory",
+             "memory, gradients subtracted"], "rrlrrrrrrrlll", cells)]
         lines.append("")
     if big:
         row = _find(rows, "triplet_hardest", big[0], big[1], "float32", "vse_cuda")
@@ -556,7 +539,7 @@ def targets_section(rows: list[dict[str, Any]], big: list[int] | None) -> list[s
             lines.append(f"- {head}: not measured" + (f" ({row['status']}: {row['detail']})" if row else "") + ".")
         else:
             lines.append(f"- {head}: {row['extra_peak_mib']:.0f} MiB (of which {row['grad_mib']:.1f} MiB are the two "
-                         f"gradients), {row['seconds']:.1f} s, {_fmt(row['x_gemm'], '.2f')}× the tiled GEMM "
+                         f"gradients), {row['seconds']:.1f} s, {fmt(row['x_gemm'], '.2f')}× the tiled GEMM "
                          f"{_verdict(row['extra_peak_mib'] * _MiB <= TARGET_BIG_BYTES)}")
     return lines
 
@@ -565,11 +548,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
                    info: dict[str, str], started: datetime.datetime, loads: tuple, finished: bool) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     case_loads = [r["load_before"] for r in rows if r["load_before"] is not None]
-    lines = [
-        "# vse_cuda losses, forward + backward: fused vs GEMM floor vs eager oracle vs pytorch-metric-learning",
-        "",
-        f"Command: `{command}`",
-        "",
+    lines = heading("vse_cuda losses, forward + backward: fused vs GEMM floor vs eager oracle vs "
+                    "pytorch-metric-learning", command) + [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; {info['threads']} threads for every "
         f"method; torch {info['torch']}, vse_cuda {info['vse_cuda']}, pytorch-metric-learning {info['pytorch-metric-learning']}, "
         f"Python {info['python']}.",
@@ -612,52 +592,41 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
     lines += [""] + targets_section(rows, args.big) + [""]
     floors = [r for r in rows if r["method"].startswith("gemm_floor")]
     seen = set()
-    lines += ["## GEMM floor", "", "| N | D | dtype | method | seconds | GFLOP/s | extra MiB | calls | load | status |",
-              "|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    cells = []
     for r in floors:
         key = (r["n"], r["dim"], r["dtype"])
         if key in seen:
             continue
         seen.add(key)
-        gflops = _div(2 * r["n"] ** 2 * r["dim"] / 1e9, r["seconds"])
-        lines.append(f"| {r['n']} | {r['dim']} | {r['dtype']} | {r['method']} | {_fmt(r['seconds'], '.4f')} | "
-                     f"{_fmt(gflops, '.0f')} | {_fmt(r['extra_peak_mib'], '.0f')} | {r['warmup']}+{r['repeats']} | "
-                     f"{_fmt(r['load_before'], '.1f')} | {_status(r)} |")
+        gflops = div(2 * r["n"] ** 2 * r["dim"] / 1e9, r["seconds"])
+        cells.append([r["n"], r["dim"], r["dtype"], r["method"], fmt(r["seconds"], ".4f"), fmt(gflops, ".0f"),
+                      fmt(r["extra_peak_mib"], ".0f"), f"{r['warmup']}+{r['repeats']}", fmt(r["load_before"], ".1f"),
+                      status_cell(r)])
+    lines += ["## GEMM floor", ""] + table(
+        ["N", "D", "dtype", "method", "seconds", "GFLOP/s", "extra MiB", "calls", "load", "status"], "rrllrrrrrl",
+        cells)
     for variant in VARIANTS:
         vrows = [r for r in rows if r["variant"] == variant and not r["method"].startswith("gemm_floor")]
         if not vrows:
             continue
         kwargs = ", ".join(f"{k}={v!r}" for k, v in VARIANTS[variant]["kwargs"].items())
-        lines += ["", f"## {variant} (`{VARIANTS[variant]['fn']}({kwargs})`)", "",
-                  "| N | D | dtype | method | seconds | × GEMM | × fused | CPU s | extra MiB | mem ÷ fused | "
-                  "work ÷ fused | check Δloss / Δgrad | calls | load | status |",
-                  "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
-        for r in vrows:
-            check = ("-" if r["loss_rel_diff"] is None
-                     else f"{r['loss_rel_diff']:.1e} / {r['grad_rel_diff']:.1e}")
-            lines.append(f"| {r['n']} | {r['dim']} | {r['dtype']} | {r['method']} | {_fmt(r['seconds'], '.4f')} | "
-                         f"{_fmt(r['x_gemm'], '.2f')} | {_fmt(r['x_fused'], '.2f')} | "
-                         f"{_fmt(r['cpu_seconds'], '.3g')} | {_fmt(r['extra_peak_mib'], '.1f')} | "
-                         f"{_fmt(r['mem_x_fused'], '.1f')} | {_fmt(r['work_x_fused'], '.1f')} | {check} | "
-                         f"{r['warmup']}+{r['repeats']} | "
-                         f"{_fmt(r['load_before'], '.1f')} | {_status(r)} |")
+        lines += ["", f"## {variant} (`{VARIANTS[variant]['fn']}({kwargs})`)", ""] + table(
+            ["N", "D", "dtype", "method", "seconds", "× GEMM", "× fused", "CPU s", "extra MiB", "mem ÷ fused",
+             "work ÷ fused", "check Δloss / Δgrad", "calls", "load", "status"], "rrllrrrrrrrlrrl",
+            ([r["n"], r["dim"], r["dtype"], r["method"], fmt(r["seconds"], ".4f"), fmt(r["x_gemm"], ".2f"),
+              fmt(r["x_fused"], ".2f"), fmt(r["cpu_seconds"], ".3g"), fmt(r["extra_peak_mib"], ".1f"),
+              fmt(r["mem_x_fused"], ".1f"), fmt(r["work_x_fused"], ".1f"),
+              "-" if r["loss_rel_diff"] is None else f"{r['loss_rel_diff']:.1e} / {r['grad_rel_diff']:.1e}",
+              f"{r['warmup']}+{r['repeats']}", fmt(r["load_before"], ".1f"), status_cell(r)] for r in vrows))
     path.write_text("\n".join(lines) + "\n")
-
-
-def _status(row: dict[str, Any]) -> str:
-    return row["status"] if row["status"] == "ok" else f"{row['status']}: {row['detail']}"
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path, dims: list[int]) -> bool:
     """Time and extra memory against N (log-log), one line per method, for triplet hardest and
     unified at D=1024 (else the largest D) in float32, and a last row with every variant's fused
     time ÷ GEMM and oracle ÷ fused time; False when matplotlib or the data is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     dim = 1024 if 1024 in dims else max(dims)
     variants = [v for v in ("triplet_hardest", "unified") if any(r["variant"] == v for r in rows)]
@@ -681,12 +650,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path, dims: list[int]) -> bool:
                 pts = sorted((r["n"], r[field]) for r in sel if r["method"] == method and r[field])
                 name = method + (f" ({failed[method]})" if method in failed else "")
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("N (pairs in the batch)")
-            ax.set_ylabel(label)
-            ax.set_title(f"{variant}, D={dim}, float32: {label.split(' (')[0]}")
-            ax.grid(True, which="both", alpha=0.3)
+            log_log(ax, "N (pairs in the batch)", label, f"{variant}, D={dim}, float32: {label.split(' (')[0]}")
             ax.legend(fontsize=8)
     for ax, field, label in ((axes[-1][0], "x_gemm", "vse_cuda time ÷ one GEMM"),
                              (axes[-1][1], "x_fused", "oracle ÷ vse_cuda time")):
@@ -697,24 +661,15 @@ def write_plot(rows: list[dict[str, Any]], path: Path, dims: list[int]) -> bool:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
         ax.axhline(TARGET_GEMM_RATIO if field == "x_gemm" else 1.0, color="gray", linestyle="--", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("N (pairs in the batch)")
-        ax.set_ylabel(label)
-        ax.set_title(f"every variant, D={dim}, float32: {label}")
-        ax.grid(True, which="both", alpha=0.3)
+        log_log(ax, "N (pairs in the batch)", label, f"every variant, D={dim}, float32: {label}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = new_parser(__doc__)
     parser.add_argument("--losses", nargs="+", choices=list(VARIANTS),
                         help=f"loss variants (default all; with --quick {QUICK['losses']})")
     parser.add_argument("--sizes", type=int, nargs="+", help=f"batch sizes N (default {DEFAULTS['sizes']})")
@@ -729,27 +684,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-big", action="store_true", help="skip the large configuration")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods to run (peer = the pytorch-metric-learning loss, where there is one)")
-    parser.add_argument("--repeats", type=int, help=f"most measured calls per case (default {DEFAULTS['repeats']})")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured calls before them (short cases)")
     parser.add_argument("--case-budget", type=float, default=20.0,
                         help="seconds of calls per case that set the repeats (long cases: 1 call, no warm-up)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="wall-clock limit of one case (s)")
     parser.add_argument("--max-case-seconds", type=float, default=300.0,
                         help="oracle/peer cases predicted slower than this per call are skipped")
     parser.add_argument("--mem-fraction", type=float, default=0.7,
                         help="oracle/peer cases predicted to need more than this fraction of the available "
                              "memory are skipped")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
-    parser.add_argument("--seed", type=int, default=0, help="data seed")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="where losses.csv / losses.md / losses.png go")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"tiny sizes for a smoke test ({QUICK}); explicit flags still win")
-    args = parser.parse_args(argv)
-    profile = QUICK if args.quick else {**DEFAULTS, "losses": list(VARIANTS)}
-    for name, value in profile.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    # --repeats is the most: long cases measure fewer calls (--case-budget), short ones --warmup more.
+    add_common_arguments(parser, stem="losses", defaults=DEFAULTS, quick=QUICK,
+                         threads=(torch.get_num_threads(), "torch's intra-op work"), timeout=900.0)
+    args = parse_profile(parser, argv, {**DEFAULTS, "losses": list(VARIANTS)}, QUICK)
     if args.no_big:
         args.big = None
     for name in ("sizes", "dims", "peer_sizes"):
@@ -757,17 +702,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.big and min(args.big) < 1:
         parser.error("--big N D must be >= 1")
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.timeout <= 0:
-        parser.error("need --repeats >= 1, --warmup >= 0, --threads >= 1, --timeout > 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 1 when vse_cuda disagrees with the oracle somewhere."""
     args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else argv))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "losses_quick" if args.quick else "losses"
+    command, stem = start_run(args, argv, "losses")
     started = datetime.datetime.now(datetime.timezone.utc)
     start_load = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -775,25 +716,18 @@ def main(argv: list[str] | None = None) -> int:
     configs = plan_configs(args)
     preflight(list(VARIANTS), args.dtypes, args.seed)
     print(f"[bench_losses] {len(configs)} configurations; writing {stem}.* to {args.out_dir}", flush=True)
-    finished = False
+
     with tempfile.TemporaryDirectory(prefix="bench_losses_") as tmp:
         runner = Runner(args, Path(tmp))
-        try:
-            for cfg in configs:
-                runner.run_config(cfg)
-                write_csv(runner.rows, args.out_dir / f"{stem}.csv")
-                write_markdown(runner.rows, args.out_dir / f"{stem}.md", args, command, info, started,
-                               (start_load,), False)
-            finished = True
-        finally:
-            rows = runner.rows
-            write_csv(rows, args.out_dir / f"{stem}.csv")
-            write_markdown(rows, args.out_dir / f"{stem}.md", args, command, info, started,
-                           (start_load, os.getloadavg()[0]), finished)
-    plotted = write_plot(rows, args.out_dir / f"{stem}.png", args.dims)
-    print((args.out_dir / f"{stem}.md").read_text())
-    print(f"[bench_losses] wrote {stem}.csv, {stem}.md{', ' + stem + '.png' if plotted else ''} in "
-          f"{args.out_dir} after {(time.perf_counter() - t0) / 60:.1f} min")
+
+        def save(loads: tuple, finished: bool) -> None:
+            write_csv(args.out_dir / f"{stem}.csv", CSV_FIELDS, runner.rows, joined={"all_seconds": ".4f"})
+            write_markdown(runner.rows, args.out_dir / f"{stem}.md", args, command, info, started, loads, finished)
+
+        run_saving_each(configs, runner.run_config, save, start_load)
+    rows = runner.rows
+    print_written("bench_losses", args.out_dir, stem, write_plot(rows, args.out_dir / f"{stem}.png", args.dims),
+                  f" after {(time.perf_counter() - t0) / 60:.1f} min")
     return 1 if any(r["status"] == "WRONG" for r in rows) else 0
 
 

@@ -39,9 +39,7 @@ Writes ``<out-dir>/mining.csv``, ``mining.md`` and ``mining.png`` (``mining_quic
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +48,8 @@ from typing import Any, Callable
 import torch
 
 from _harness import Measurement, machine_info, run_isolated, shared_machine_note
+from _report import (add_common_arguments, fmt, heading, new_parser, parse_profile, pct, print_written, pyplot,
+                     save_figure, start_run, status_cell, table, write_csv)
 
 CASE_TIMEOUT_S = 3600
 #: Smallest fraction of shared entries with vse_cuda accepted from faiss (fp32 GEMMs of
@@ -167,8 +167,8 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                                         repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                                         timeout_s=CASE_TIMEOUT_S, save_result=saved[method])
         m = measured[method]
-        print(f"[bench_mining] {method}: {m.status} {_fmt(m.median_s, '.2f')} s, extra peak "
-              f"{_fmt(m.extra_peak_mib, '.0f')} MiB {m.detail}", flush=True)
+        print(f"[bench_mining] {method}: {m.status} {fmt(m.median_s, '.2f')} s, extra peak "
+              f"{fmt(m.extra_peak_mib, '.0f')} MiB {m.detail}", flush=True)
     return _rows(args, measured, loads, saved)
 
 
@@ -231,16 +231,8 @@ def _official_total(parts: list[dict[str, Any]], i2t_output_mib: float) -> dict[
     return row
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _secs(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}" if value < 10 else f"{value:.1f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 CSV_FIELDS = ["method", "direction", "timed_rows", "extrapolated", "seconds", "measured_seconds", "cpu_seconds",
@@ -248,22 +240,16 @@ CSV_FIELDS = ["method", "direction", "timed_rows", "extrapolated", "seconds", "m
               "shared_t2i", "load_before", "status", "detail"]
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path, args: argparse.Namespace) -> None:
-    config = {"images": args.images, "captions": args.images * args.per_image, "dim": args.dim,
-              "k_i2t": args.k_i2t, "k_t2i": args.k_t2i, "dtype": "float32", "threads": args.threads}
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*config, *CSV_FIELDS])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**config, **{key: row[key] for key in CSV_FIELDS}})
+def csv_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's configuration: the first columns of every CSV line."""
+    return {"images": args.images, "captions": args.images * args.per_image, "dim": args.dim,
+            "k_i2t": args.k_i2t, "k_t2i": args.k_t2i, "dtype": "float32", "threads": args.threads}
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namespace, command: str,
                    info: dict[str, str]) -> None:
     n_cap = args.images * args.per_image
-    lines = [
-        "# AOQ offline mining: offline_candidates vs the official row-by-row loop vs faiss-cpu",
-        "", f"Command: `{command}`", "",
+    lines = heading("AOQ offline mining: offline_candidates vs the official row-by-row loop vs faiss-cpu", command) + [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; {info['threads']} threads for "
         f"every method; torch {info['torch']}, faiss-cpu {info['faiss-cpu']}, Python {info['python']}; "
         f"{info['date']}.", "",
@@ -277,18 +263,14 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         f"{(args.images * args.k_i2t + n_cap * args.k_t2i) * 8 / _MiB:.0f} MiB, included). Agreement: "
         "same rank = identical index at the same position as vse_cuda's list; shared = index anywhere in "
         "vse_cuda's row. load: 1-minute load average before the case.", "",
-        "| method | direction | rows timed | seconds | × vse_cuda | CPU s | extra peak MiB | i2t same rank | "
-        "i2t shared | t2i same rank | t2i shared | load | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
-        star = " (extrapolated)" if r["extrapolated"] else ""
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['detail']}"
-        lines.append(
-            f"| {r['method']}{star} | {r['direction']} | {r['timed_rows']} | {_secs(r['seconds'])} | "
-            f"{_fmt(r['ratio_to_vse_cuda'], '.2f')} | {_secs(r['cpu_seconds'])} | "
-            f"{_fmt(r['extra_peak_mib'], '.0f')} | {_pct(r['same_rank_i2t'])} | {_pct(r['shared_i2t'])} | "
-            f"{_pct(r['same_rank_t2i'])} | {_pct(r['shared_t2i'])} | {_fmt(r['load_before'], '.1f')} | {status} |")
+    lines += table(
+        ["method", "direction", "rows timed", "seconds", "× vse_cuda", "CPU s", "extra peak MiB", "i2t same rank",
+         "i2t shared", "t2i same rank", "t2i shared", "load", "status"], "llrrrrrrrrrrl",
+        ([r["method"] + (" (extrapolated)" if r["extrapolated"] else ""), r["direction"], r["timed_rows"],
+          _secs(r["seconds"]), fmt(r["ratio_to_vse_cuda"], ".2f"), _secs(r["cpu_seconds"]),
+          fmt(r["extra_peak_mib"], ".0f"), pct(r["same_rank_i2t"]), pct(r["shared_i2t"]), pct(r["same_rank_t2i"]),
+          pct(r["shared_t2i"]), fmt(r["load_before"], ".1f"), status_cell(r)] for r in rows))
     lines += shared_machine_note([r["load_before"] for r in rows], args.threads)
     path.write_text("\n".join(lines) + "\n")
 
@@ -296,12 +278,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
 def write_plot(rows: list[dict[str, Any]], path: Path, args: argparse.Namespace) -> bool:
     """Seconds (log scale) and extra peak MiB of each method for the whole job; hatched bars
     are extrapolated. False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     whole = [r for r in rows if r["direction"] == "both"]
     names = [r["method"] + ("\n(extrapolated)" if r["extrapolated"] else "") for r in whole]
@@ -317,31 +295,22 @@ def write_plot(rows: list[dict[str, Any]], path: Path, args: argparse.Namespace)
     axes[0].set_yscale("log")
     fig.suptitle(f"AOQ mining {args.images} img × {args.images * args.per_image} cap × D={args.dim}, "
                  f"k {args.k_i2t}/{args.k_t2i}, fp32, {args.threads} threads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, dpi=120)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__, show_defaults=False)
     for name, help_text in (("images", "images I"), ("per_image", "captions per image"), ("dim", "embedding D"),
                             ("k_i2t", "captions kept per image"), ("k_t2i", "images kept per caption"),
                             ("subset_i2t", "images timed for the official i2t loop"),
-                            ("subset_t2i", "captions timed for the official t2i loop"),
-                            ("repeats", "measured calls per case"), ("warmup", "unmeasured calls before them")):
+                            ("subset_t2i", "captions timed for the official t2i loop")):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             help=f"{help_text} (default {DEFAULTS[name]}, --quick {QUICK[name]})")
-    parser.add_argument("--threads", type=int, default=2, help="threads for torch, MKL and faiss alike")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--quick", action="store_true", help="small sizes (explicit flags still win)")
-    args = parser.parse_args(argv)
-    for name, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if min(args.images, args.per_image, args.dim, args.repeats, args.threads) < 1 or args.warmup < 0:
-        parser.error("sizes, --repeats and --threads must be >= 1, --warmup >= 0")
+    add_common_arguments(parser, stem="mining", defaults=DEFAULTS, quick=QUICK, warmup=None,
+                         threads=(2, "torch, MKL and faiss alike"))
+    args = parse_profile(parser, argv, DEFAULTS, QUICK)
+    if min(args.images, args.per_image, args.dim) < 1:
+        parser.error("sizes must be >= 1")
     if not 1 <= args.k_i2t <= (args.images - 1) * args.per_image or not 1 <= args.k_t2i <= args.images - 1:
         parser.error("--k-i2t must be in [1, (images-1)*per_image] and --k-t2i in [1, images-1]")
     if not 1 <= args.subset_i2t <= args.images or not 1 <= args.subset_t2i <= args.images * args.per_image:
@@ -351,16 +320,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else argv))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "mining_quick" if args.quick else "mining"
+    command, stem = start_run(args, argv, "mining")
     with tempfile.TemporaryDirectory(prefix="bench_mining_") as tmp:
         rows = run_all(args, Path(tmp))
-    write_csv(rows, args.out_dir / f"{stem}.csv", args)
+    write_csv(args.out_dir / f"{stem}.csv", CSV_FIELDS, rows, constant=csv_config(args))
     write_markdown(rows, args.out_dir / f"{stem}.md", args, command, machine_info(args.threads, ("faiss-cpu",)))
-    plotted = write_plot(rows, args.out_dir / f"{stem}.png", args)
-    print((args.out_dir / f"{stem}.md").read_text())
-    print(f"[bench_mining] wrote {stem}.csv, {stem}.md{', ' + stem + '.png' if plotted else ''} in {args.out_dir}")
+    print_written("bench_mining", args.out_dir, stem, write_plot(rows, args.out_dir / f"{stem}.png", args))
     faiss_row = rows[1]
     wrong = faiss_row["status"] == "ok" and min(faiss_row["shared_i2t"] or 0, faiss_row["shared_t2i"] or 0) < MIN_SET_AGREEMENT
     if wrong:

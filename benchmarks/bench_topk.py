@@ -28,9 +28,7 @@ Writes ``<out-dir>/topk.csv``, ``topk.md`` and, when matplotlib is installed, ``
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +36,9 @@ from typing import Any, Callable
 
 import torch
 
-from _harness import Measurement, available_memory_bytes, machine_info, run_isolated
+from _harness import Measurement, available_memory_bytes, machine_info, run_isolated, shared_machine_note
+from _report import (add_common_arguments, fmt, heading, new_parser, parse_profile, pct, print_written, pyplot,
+                     save_figure, start_run, status_cell, table, write_csv)
 
 METHODS = ("vse_cuda", "faiss", "materialized", "gemm_floor")
 #: Largest |value difference| to faiss accepted for unit-norm float32 data (GEMM rounding).
@@ -141,8 +141,8 @@ def run_config(args: argparse.Namespace, methods: list[str], k: int,
                                         threads=args.threads, timeout_s=CASE_TIMEOUT_S,
                                         save_result=saved[method])
         m = measured[method]
-        print(f"[bench_topk] k={k} {method}: {m.status} {_fmt(m.median_s, '.3f')} s, extra peak "
-              f"{_fmt(m.extra_peak_mib, '.0f')} MiB {m.detail}", flush=True)
+        print(f"[bench_topk] k={k} {method}: {m.status} {fmt(m.median_s, '.3f')} s, extra peak "
+              f"{fmt(m.extra_peak_mib, '.0f')} MiB {m.detail}", flush=True)
     faiss_ok = "faiss" in measured and measured["faiss"].ok
     rows = []
     for method, m in measured.items():
@@ -184,32 +184,16 @@ def _ratio(row: dict[str, Any], rows: list[dict[str, Any]], method: str) -> floa
     return row["seconds"] / base
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """One line per (configuration, method), every measured call in ``all_seconds``."""
-    fields = ["queries", "keys", "dim", "k", "dtype", "threads", "method", "status", "seconds",
-              "cpu_seconds", "ratio_to_faiss", "ratio_to_vse_cuda", "extra_peak_mib", "max_abs_diff_vs_faiss",
-              "same_indices_vs_faiss", "load_before", "all_seconds", "detail"]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            out = {key: row[key] for key in fields}
-            out["all_seconds"] = " ".join(f"{s:.4f}" for s in row["all_seconds"])
-            writer.writerow(out)
+#: One line per (configuration, method), every measured call in ``all_seconds``.
+CSV_FIELDS = ["queries", "keys", "dim", "k", "dtype", "threads", "method", "status", "seconds", "cpu_seconds",
+              "ratio_to_faiss", "ratio_to_vse_cuda", "extra_peak_mib", "max_abs_diff_vs_faiss", "same_indices_vs_faiss",
+              "load_before", "all_seconds", "detail"]
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namespace,
                    command: str, info: dict[str, str]) -> None:
     """The results table, how it was measured, and the selection time (vse_cuda - GEMM floor)."""
-    lines = [
-        "# topk_similar vs faiss-cpu IndexFlatIP vs materialized S + torch.topk",
-        "",
-        f"Command: `{command}`",
-        "",
+    lines = heading("topk_similar vs faiss-cpu IndexFlatIP vs materialized S + torch.topk", command) + [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; "
         f"{info['threads']} threads for every method; torch {info['torch']}, faiss-cpu "
         f"{info['faiss-cpu']}, numpy {info['numpy']}, Python {info['python']}; {info['date']}.",
@@ -225,35 +209,23 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         "just before the case (this benchmark itself adds about its thread count; more means "
         "other processes shared the CPU).",
         "",
-        "| N × M × D | k | method | seconds | × faiss | × vse_cuda | CPU s | extra peak MiB | max abs Δ vs faiss | same idx | load | status |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['detail']}"
-        same = r["same_indices_vs_faiss"]
-        lines.append(
-            f"| {r['queries']} × {r['keys']} × {r['dim']} | {r['k']} | {r['method']} | "
-            f"{_fmt(r['seconds'], '.3f')} | {_fmt(r['ratio_to_faiss'], '.2f')} | "
-            f"{_fmt(r['ratio_to_vse_cuda'], '.2f')} | {_fmt(r['cpu_seconds'], '.3g')} | "
-            f"{_fmt(r['extra_peak_mib'], '.0f')} | "
-            f"{_fmt(r['max_abs_diff_vs_faiss'], '.2e')} | "
-            f"{'-' if same is None else f'{100 * same:.2f}%'} | {_fmt(r['load_before'], '.1f')} | "
-            f"{status} |")
-    busiest = max((r["load_before"] for r in rows if r["load_before"] is not None), default=0.0)
-    if busiest > args.threads + 1:
-        lines += ["", f"**Shared machine:** the load average reached {busiest:.1f} before a case "
-                  f"(this benchmark alone accounts for about {args.threads}), so other processes "
-                  "competed for the cores: wall-clock seconds and their ratios are inflated "
-                  "unevenly; CPU s is less affected."]
+    lines += table(
+        ["N × M × D", "k", "method", "seconds", "× faiss", "× vse_cuda", "CPU s", "extra peak MiB",
+         "max abs Δ vs faiss", "same idx", "load", "status"], "lrlrrrrrrrrl",
+        ([f"{r['queries']} × {r['keys']} × {r['dim']}", r["k"], r["method"], fmt(r["seconds"], ".3f"),
+          fmt(r["ratio_to_faiss"], ".2f"), fmt(r["ratio_to_vse_cuda"], ".2f"), fmt(r["cpu_seconds"], ".3g"),
+          fmt(r["extra_peak_mib"], ".0f"), fmt(r["max_abs_diff_vs_faiss"], ".2e"),
+          pct(r["same_indices_vs_faiss"]), fmt(r["load_before"], ".1f"), status_cell(r)] for r in rows))
+    lines += shared_machine_note([r["load_before"] for r in rows], args.threads)
     split = _time_split(rows)
     if split:
         flops = 2 * args.queries * args.keys * args.dim
-        lines += ["", "Where vse_cuda's time goes (GEMM floor = the same tiles' torch.mm alone):", "",
-                  "| k | vse_cuda s | GEMM floor s | selection + overhead s | share | GEMM GFLOP/s |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        for k, total, floor in split:
-            lines.append(f"| {k} | {total:.3f} | {floor:.3f} | {total - floor:.3f} | "
-                         f"{100 * (total - floor) / total:.0f}% | {flops / floor / 1e9:.0f} |")
+        lines += ["", "Where vse_cuda's time goes (GEMM floor = the same tiles' torch.mm alone):", ""]
+        lines += table(["k", "vse_cuda s", "GEMM floor s", "selection + overhead s", "share", "GEMM GFLOP/s"],
+                       "rrrrrr", ([k, f"{total:.3f}", f"{floor:.3f}", f"{total - floor:.3f}",
+                                   f"{100 * (total - floor) / total:.0f}%", f"{flops / floor / 1e9:.0f}"]
+                                  for k, total, floor in split))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -269,12 +241,8 @@ def _time_split(rows: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     """Grouped bar chart of seconds per method and k; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     ks = sorted({r["k"] for r in rows})
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
@@ -292,44 +260,27 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     r0 = rows[0]
     ax.set_title(f"top-k of {r0['queries']} × {r0['keys']} × {r0['dim']} fp32, {r0['threads']} threads")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, dpi=120)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = new_parser(__doc__)
     parser.add_argument("--queries", type=int, help=f"query rows N (default {DEFAULTS['queries']})")
     parser.add_argument("--keys", type=int, help=f"key rows M (default {DEFAULTS['keys']})")
     parser.add_argument("--dim", type=int, help=f"embedding width D (default {DEFAULTS['dim']})")
     parser.add_argument("--k", type=int, nargs="+", help=f"k values (default {DEFAULTS['k']})")
-    parser.add_argument("--repeats", type=int, help=f"measured calls per case (default {DEFAULTS['repeats']})")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured calls before them")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="threads for torch, MKL and faiss alike")
-    parser.add_argument("--seed", type=int, default=0, help="data seed")
+    add_common_arguments(parser, stem="topk", defaults=DEFAULTS, quick=QUICK,
+                         threads=(torch.get_num_threads(), "torch, MKL and faiss alike"))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods to run")
     parser.add_argument("--skip-materialized", action="store_true",
                         help="do not run the materialized baseline (its S is N×M×4 bytes)")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="where topk.csv / topk.md / topk.png go")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"tiny sizes for a smoke test ({QUICK}); explicit flags still win")
-    args = parser.parse_args(argv)
-    profile = QUICK if args.quick else DEFAULTS
-    for name, value in profile.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    args = parse_profile(parser, argv, DEFAULTS, QUICK)
     if args.skip_materialized and "materialized" in args.methods:
         args.methods.remove("materialized")
-    for name in ("queries", "keys", "dim", "repeats", "threads"):
+    for name in ("queries", "keys", "dim"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
+            parser.error(f"--{name} must be >= 1")
     if any(k < 1 or k > args.keys for k in args.k):
         parser.error(f"every --k must be in [1, --keys={args.keys}]")
     return args
@@ -338,9 +289,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 1 when a method's results disagree with faiss's."""
     args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else argv))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "topk_quick" if args.quick else "topk"
+    command, stem = start_run(args, argv, "topk")
     floor = None
     if "gemm_floor" in args.methods:
         print("[bench_topk] gemm_floor ...", flush=True)
@@ -350,19 +299,16 @@ def main(argv: list[str] | None = None) -> int:
                               "dim": args.dim, "k": 1, "seed": args.seed, "threads": args.threads},
                              repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                              timeout_s=CASE_TIMEOUT_S), load
-        print(f"[bench_topk] gemm_floor: {floor[0].status} {_fmt(floor[0].median_s, '.3f')} s "
+        print(f"[bench_topk] gemm_floor: {floor[0].status} {fmt(floor[0].median_s, '.3f')} s "
               f"{floor[0].detail}", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_topk_") as tmp:
         for k in args.k:
             rows += run_config(args, args.methods, k, floor, Path(tmp))
     info = machine_info(args.threads, ("faiss-cpu", "numpy"))
-    write_csv(rows, args.out_dir / f"{stem}.csv")
+    write_csv(args.out_dir / f"{stem}.csv", CSV_FIELDS, rows, joined={"all_seconds": ".4f"})
     write_markdown(rows, args.out_dir / f"{stem}.md", args, command, info)
-    plotted = write_plot(rows, args.out_dir / f"{stem}.png")
-    print((args.out_dir / f"{stem}.md").read_text())
-    print(f"[bench_topk] wrote {stem}.csv, {stem}.md{', ' + stem + '.png' if plotted else ''} "
-          f"in {args.out_dir}")
+    print_written("bench_topk", args.out_dir, stem, write_plot(rows, args.out_dir / f"{stem}.png"))
     return 1 if any(r["status"] == "WRONG" for r in rows) else 0
 
 

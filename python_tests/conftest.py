@@ -13,11 +13,7 @@ from hypothesis import settings
 
 import vse_cuda
 
-BACKENDS = [
-    "cpu",
-    "simt",
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")]),
-]
+from _loss_cases import BACKENDS
 
 
 def pytest_configure(config):

@@ -58,6 +58,8 @@ import vse_cuda
 from vse_cuda import _chunking, _lib, distributed, evaluate, mining
 from vse_cuda.data import Split
 
+from _loss_cases import QUINTUPLET_INPUTS
+
 BACKENDS = ("cpu", "simt")
 NAN, INF = float("nan"), float("inf")
 NON_MEMBER = dist.GroupMember.NON_GROUP_MEMBER  # what new_group returns to a non-member
@@ -87,8 +89,7 @@ def float_ids_requiring_grad(n: int = 4) -> torch.Tensor:
 
 def six(n: int = 4, d: int = 3, **replace: torch.Tensor) -> list[torch.Tensor]:
     """quintuplet_loss's six inputs, some replaced by name."""
-    names = ("img", "txt", "off_img", "off_txt", "img2", "txt2")
-    return [replace.get(name, emb(n, d, seed=i)) for i, name in enumerate(names)]
+    return [replace.get(name, emb(n, d, seed=i)) for i, name in enumerate(QUINTUPLET_INPUTS)]
 
 
 def cap_to_img() -> torch.Tensor:

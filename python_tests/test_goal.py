@@ -2,7 +2,8 @@
 the logging value and the injected gradient for every triplet × pair weight, with and without
 labels, both reductions, normalization, chunk sizes that do and do not divide N, all dtypes;
 the relative-similarity sets without cancellation, grad_output scaling, the VSE++ special
-case, opcheck, torch.compile, determinism, special cases and bad input.
+case, opcheck and special cases. What every loss must satisfy (module = function, memory, bad
+input, determinism, torch.compile, ...) is in test_loss_contract.py.
 
 On simt (and cuda) this runs csrc/cuda/engine.cuh: topk_tile_kernel (the mined lists, k = 1),
 for lin_ms / sig_ms dense_rows_kernel and dense_columns_kernel over NegativeSetPolicy (the
@@ -14,10 +15,6 @@ prefix sums)."""
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -25,13 +22,11 @@ import torch
 import vse_cuda
 from vse_cuda import reference as ref
 
-from _loss_cases import (CUDA_BACKEND, LABEL_KINDS, assert_close, chunk_options, grid_inputs, loss_and_grads,
-                         make_labels, per_backend, random_inputs)
-
-LOSS_BACKENDS = ["cpu", "simt", CUDA_BACKEND]
+from _loss_cases import (BACKENDS, GOAL, GOAL_PAIR_WEIGHTS, LABEL_KINDS, aligned_inputs, assert_close, chunk_options,
+                         grid_inputs, loss_and_grads, make_labels, per_backend, random_inputs)
 
 TRIPLET_WEIGHTS = ("con", "nca", "cir")
-PAIR_WEIGHTS = ("con", "lin", "sig", "lin_ms", "sig_ms")
+PAIR_WEIGHTS = GOAL_PAIR_WEIGHTS
 WEIGHTS = list(itertools.product(TRIPLET_WEIGHTS, PAIR_WEIGHTS))
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
 CASES = [(n, d, label_kind) for n, d in SIZES for label_kind in LABEL_KINDS]
@@ -41,21 +36,7 @@ SIMT_CASES = [(n, d, label_kind) for n, d in [(1, 1), (2, 3), (3, 64), (17, 3)] 
 SIMT_CASES.append((128, 64, "random"))
 
 
-@pytest.fixture(params=LOSS_BACKENDS)
-def backend(request) -> str:
-    return request.param
-
-
-def ours(on_backend, **options):
-    def loss(img, txt):
-        with on_backend():
-            return vse_cuda.goal_loss(img, txt, **options)
-    return loss
-
-
-def oracle(**options):
-    options.pop("chunk_size", None)
-    return lambda img, txt: ref.goal_loss(img, txt, **options)
+ours, oracle = GOAL.ours, GOAL.reference
 
 
 def assert_all_close(got, want, dtype, case="", tol=None):
@@ -65,11 +46,10 @@ def assert_all_close(got, want, dtype, case="", tol=None):
 
 
 @pytest.mark.parametrize("triplet_weight", TRIPLET_WEIGHTS)
-@pytest.mark.parametrize("backend,n,d,label_kind", per_backend(LOSS_BACKENDS, CASES, SIMT_CASES))
+@pytest.mark.parametrize("backend,n,d,label_kind", per_backend(BACKENDS, CASES, SIMT_CASES))
 def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, triplet_weight):
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
-    labels = make_labels(label_kind, n)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, n, device=device)
     for pair_weight in PAIR_WEIGHTS:
         for normalize in (False, True):
             for reduction in ("sum", "mean"):
@@ -99,23 +79,12 @@ def test_exact_ties_match_the_oracle(backend, device, on_backend, triplet_weight
     # Grid inputs: exactly tied negatives (the lowest index wins) and tied positives, which
     # enter or leave the relative-similarity sets together.
     img, txt = (x.to(device) for x in grid_inputs(40, 3, seed=4))
-    labels = make_labels(label_kind, 40)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, 40, device=device)
     options = dict(triplet_weight=triplet_weight, pair_weight=pair_weight, labels=labels)
     want = loss_and_grads(oracle(**options), img, txt)
     for chunk in (None, 7, 8):
         got = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), img, txt)
         assert_all_close(got, want, torch.float64, f"chunk={chunk}", tol=1e-12)
-
-
-def aligned_inputs(n: int, d: int, noise: float, dtype: torch.dtype = torch.float64, seed: int = 5):
-    """Unit embeddings of a trained-like model: each caption near its image (txt = img + noise),
-    so positives are high and the relative-similarity sets are partly full (random embeddings
-    fill them almost entirely)."""
-    g = torch.Generator().manual_seed(seed)
-    img = torch.randn(n, d, generator=g, dtype=torch.float64)
-    txt = img + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
-    return tuple(torch.nn.functional.normalize(x, dim=1).to(dtype) for x in (img, txt))
 
 
 @pytest.mark.parametrize("noise", [0.5, 0.8])
@@ -124,8 +93,7 @@ def aligned_inputs(n: int, d: int, noise: float, dtype: torch.dtype = torch.floa
 def test_partial_relative_sets_match_the_oracle(backend, device, on_backend, triplet_weight, pair_weight, label_kind,
                                                 noise):
     img, txt = (x.to(device) for x in aligned_inputs(64, 16, noise))
-    labels = make_labels(label_kind, 64)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, 64, device=device)
     for reduction in ("sum", "mean"):
         options = dict(triplet_weight=triplet_weight, pair_weight=pair_weight, labels=labels, reduction=reduction)
         want = loss_and_grads(oracle(**options), img, txt)
@@ -193,8 +161,7 @@ def test_relative_sets_without_cancellation(backend, device, on_backend, dtype, 
 @pytest.mark.parametrize("label_kind", [None, "pairs"])
 def test_low_precision_matches_oracle(backend, device, on_backend, dtype, label_kind):
     img, txt = (x.to(device) for x in grid_inputs(37, 8, dtype, seed=2))
-    labels = make_labels(label_kind, 37)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, 37, device=device)
     for triplet_weight, pair_weight in WEIGHTS:
         for reduction in ("sum", "mean"):
             options = dict(triplet_weight=triplet_weight, pair_weight=pair_weight, labels=labels, reduction=reduction)
@@ -301,43 +268,6 @@ def test_opcheck(backend, device, on_backend, triplet_weight, pair_weight, label
                           (torch.tensor(1.5, device=device), img.detach(), txt.detach(), *saved))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    module = vse_cuda.GoalLoss(triplet_weight="nca", pair_weight="sig_ms", normalize=True, reduction="mean")
-    compiled = torch.compile(module, fullgraph=True)
-    img, txt = random_inputs(12, 5, torch.float32, seed=6)
-    labels = make_labels("pairs", 12)
-    eager = loss_and_grads(lambda a, b: module(a, b, labels), img, txt)
-    graph = loss_and_grads(lambda a, b: compiled(a, b, labels), img, txt)
-    torch.testing.assert_close(graph, eager)
-
-
-@pytest.mark.parametrize("pair_weight", ["con", "lin_ms", "sig_ms"])
-def test_bitwise_deterministic(backend, device, on_backend, pair_weight):
-    img, txt = (x.to(device) for x in random_inputs(300, 32, torch.float32, seed=9))
-    fn = ours(on_backend, triplet_weight="cir", pair_weight=pair_weight, labels=make_labels("random", 300).to(device),
-              normalize=True, chunk_size=64)
-    first, second = loss_and_grads(fn, img, txt), loss_and_grads(fn, img, txt)
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
-
-
-@pytest.mark.parametrize("pair_weight", ["con", "lin_ms", "sig_ms"])
-def test_simt_bitwise_deterministic_across_worker_counts(monkeypatch, pair_weight):
-    # The executor runs blocks on VSE_SIMT_THREADS OS threads: 1 and 3 workers interleave the
-    # blocks differently, and the results must not notice (no float atomics, fixed orders).
-    img, txt = aligned_inputs(150, 16, 0.8, torch.float32)
-    labels = make_labels("random", 150)
-    runs = []
-    for workers in ("1", "3", "1"):
-        monkeypatch.setenv("VSE_SIMT_THREADS", workers)
-        fn = ours(lambda: vse_cuda.use_backend("simt"), triplet_weight="cir", pair_weight=pair_weight, labels=labels,
-                  chunk_size=40)
-        runs.append(loss_and_grads(fn, img, txt))
-    for other in runs[1:]:
-        assert torch.equal(runs[0][0], other[0])
-        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], other[1]))
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_simt_kernels_match_the_cpu_kernels(dtype):
     # The ops themselves on 5 × 4 tiles (chunks 16 and 24 do not divide N = 75), for every
@@ -370,17 +300,6 @@ def test_sorted_positives_over_several_scan_blocks(backend, device, on_backend, 
     assert_all_close(got, want, torch.float64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("pair_weight", PAIR_WEIGHTS)
-def test_single_pair_gives_zero_loss_and_zero_gradients(backend, device, on_backend, dtype, pair_weight):
-    img, txt = (x.to(device) for x in random_inputs(1, 4, dtype))
-    for normalize in (False, True):
-        loss, grads = loss_and_grads(ours(on_backend, triplet_weight="nca", pair_weight=pair_weight,
-                                          normalize=normalize), img, txt)
-        assert loss.dtype == dtype and float(loss) == 0.0
-        assert all(g.dtype == dtype and not bool(g.any()) for g in grads)
-
-
 @pytest.mark.parametrize("pair_weight", PAIR_WEIGHTS)
 def test_all_same_label_gives_zero_loss_and_zero_gradients(backend, device, on_backend, pair_weight):
     img, txt = (x.to(device) for x in random_inputs(6, 3, seed=7))
@@ -405,107 +324,3 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend, where, pair_weigh
     assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
 
 
-def test_non_contiguous_inputs(backend, device, on_backend):
-    # img a strided column slice, txt a transposed (column-major) view.
-    g = torch.Generator().manual_seed(13)
-    base_img = torch.randn(15, 12, generator=g, dtype=torch.float64).to(device)
-    base_txt = torch.randn(6, 15, generator=g, dtype=torch.float64).to(device)
-    options = dict(triplet_weight="nca", pair_weight="sig_ms")
-    got = loss_and_grads(lambda a, b: ours(on_backend, chunk_size=4, **options)(a[:, ::2], b.T), base_img, base_txt)
-    want = loss_and_grads(lambda a, b: oracle(**options)(a[:, ::2], b.T), base_img, base_txt)
-    assert_all_close(got, want, torch.float64)
-
-
-def test_module_matches_the_function():
-    img, txt = random_inputs(11, 6, seed=12)
-    labels = make_labels("pairs", 11)
-    options = dict(triplet_weight="cir", pair_weight="lin_ms", tau=3.0, a=1.5, b=6.0, lam=0.3, normalize=True,
-                   reduction="mean")
-    module = vse_cuda.GoalLoss(**options)
-    assert "triplet_weight='cir', pair_weight='lin_ms'" in repr(module)
-    assert torch.equal(module(img, txt, labels), vse_cuda.goal_loss(img, txt, labels=labels, **options))
-    assert torch.equal(vse_cuda.GoalLoss()(img, txt), vse_cuda.goal_loss(img, txt))
-
-
-def test_group_must_be_a_process_group():
-    # group= itself is tested with several processes in test_distributed.py.
-    img, txt = random_inputs(3, 2)
-    with pytest.raises(TypeError, match="ProcessGroup"):
-        vse_cuda.goal_loss(img, txt, group=object())
-    with pytest.raises(TypeError, match="ProcessGroup"):
-        vse_cuda.GoalLoss(group=object())
-
-
-def test_memory_stays_within_chunks():
-    # S would be 6000 × 6000 float32 = 137 MiB (the oracle keeps several); the engine holds one
-    # 500-row tile (11 MiB) and O(N) state, also for the relative-similarity sets.
-    script = textwrap.dedent("""
-        import resource, torch, vse_cuda
-        img = torch.randn(6000, 16, requires_grad=True)
-        txt = torch.randn(6000, 16, requires_grad=True)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for pair_weight in ("con", "lin_ms", "sig_ms"):
-            vse_cuda.goal_loss(img, txt, pair_weight=pair_weight, chunk_size=500).backward()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print((after - before) / 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
-    extra_mib = float(out.stdout.strip().splitlines()[-1])
-    assert extra_mib < 60, f"goal_loss used {extra_mib:.0f} MiB extra; S alone would need 137 MiB"
-
-
-def _call(**overrides):
-    g = torch.Generator().manual_seed(0)
-    args = dict(img=torch.randn(4, 5, generator=g), txt=torch.randn(4, 5, generator=g))
-    args.update(overrides)
-    return vse_cuda.goal_loss(args.pop("img"), args.pop("txt"), **args)
-
-
-@pytest.mark.parametrize("overrides, error, match", [
-    (dict(img=None), TypeError, "img"),
-    (dict(txt=torch.randn(4, 5).int()), TypeError, "txt"),
-    (dict(img=torch.randn(20)), ValueError, "img"),
-    (dict(txt=torch.randn(4, 6)), ValueError, "txt"),
-    (dict(txt=torch.randn(3, 5)), ValueError, "txt"),
-    (dict(txt=torch.randn(4, 5).double()), TypeError, "txt"),
-    (dict(img=torch.randn(0, 5), txt=torch.randn(0, 5)), ValueError, "N=0"),
-    (dict(triplet_weight="ms"), ValueError, "triplet_weight"),
-    (dict(triplet_weight=None), ValueError, "triplet_weight"),
-    (dict(pair_weight="ms"), ValueError, "pair_weight"),
-    (dict(pair_weight="SIG"), ValueError, "pair_weight"),
-    (dict(tau=0.0), ValueError, "tau"),
-    (dict(tau=-1.0), ValueError, "tau"),
-    (dict(tau=float("nan")), ValueError, "tau"),
-    (dict(tau="1"), TypeError, "tau"),
-    (dict(a=0.0), ValueError, "a"),
-    (dict(a=float("inf")), ValueError, "a"),
-    (dict(b=-10.0), ValueError, "b"),
-    (dict(b=float("nan")), ValueError, "b"),
-    (dict(lam=float("inf")), ValueError, "lam"),
-    (dict(lam=None), TypeError, "lam"),
-    (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, "labels"),
-    (dict(labels=torch.zeros(4, 1, dtype=torch.int64)), ValueError, "labels"),
-    (dict(normalize=None), TypeError, "normalize"),
-    (dict(reduction="batchmean"), ValueError, "reduction"),
-    (dict(chunk_size=-3), ValueError, "chunk_size"),
-])
-def test_bad_input(overrides, error, match):
-    with pytest.raises(error, match=match):
-        _call(**overrides)
-
-
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(triplet_weight="triplet"), ValueError, "triplet_weight"),
-    (dict(pair_weight="lin-ms"), ValueError, "pair_weight"),
-    (dict(tau=0), ValueError, "tau"),
-    (dict(a=-2.0), ValueError, "a"),
-    (dict(b=float("inf")), ValueError, "b"),
-    (dict(lam=float("nan")), ValueError, "lam"),
-    (dict(reduction="none"), ValueError, "reduction"),
-    (dict(normalize="true"), TypeError, "normalize"),
-    (dict(chunk_size=0), ValueError, "chunk_size"),
-])
-def test_module_checks_its_keywords(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        vse_cuda.GoalLoss(**kwargs)

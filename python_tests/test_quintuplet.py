@@ -1,19 +1,15 @@
 """quintuplet_loss / QuintupletLoss (the chunked engine) against the oracle
 vse_cuda.reference.quintuplet_loss: the loss and all six gradients in both weight modes, with
 and without labels, both reductions, normalization, chunk sizes that do and do not divide N,
-all dtypes; gradcheck, a surrogate for detached weights, opcheck, torch.compile, determinism,
-special cases and bad input.
+all dtypes; gradcheck, a surrogate for detached weights, opcheck and special cases. What every
+loss must satisfy (module = function, memory, bad input, determinism, torch.compile, ...) is in
+test_loss_contract.py.
 
 On simt (and cuda) this runs csrc/cuda/engine.cuh: topk_tile_kernel (the mined lists, k = 1),
 gather_rows_kernel (sparse backward), and csrc/cuda/anchors.cuh: anchors_kernel over
 QuintupletAnchors (each anchor's term and saved gradients)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -22,47 +18,29 @@ import torch.nn.functional as F
 import vse_cuda
 from vse_cuda import reference as ref
 
-from _loss_cases import (CUDA_BACKEND, LABEL_KINDS, assert_close, chunk_options, grid_inputs, loss_and_grads,
-                         make_labels, per_backend, random_inputs)
-
-LOSS_BACKENDS = ["cpu", "simt", CUDA_BACKEND]
+from _loss_cases import (BACKENDS, LABEL_KINDS, QUINTUPLET, QUINTUPLET_INPUTS, assert_close, chunk_options, grid_inputs,
+                         loss_and_grads, make_labels, per_backend, random_inputs)
 
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
 SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
-NAMES = ("img", "txt", "off_img", "off_txt", "img2", "txt2")
 
 
-@pytest.fixture(params=LOSS_BACKENDS)
-def backend(request) -> str:
-    return request.param
-
-
-def ours(on_backend, **options):
-    def loss(*inputs):
-        with on_backend():
-            return vse_cuda.quintuplet_loss(*inputs, **options)
-    return loss
-
-
-def oracle(**options):
-    options.pop("chunk_size", None)
-    return lambda *inputs: ref.quintuplet_loss(*inputs, **options)
+ours, oracle = QUINTUPLET.ours, QUINTUPLET.reference
 
 
 def assert_all_close(got, want, dtype, case="", scale=1.0, tol=None):
     """The loss and the six gradients of loss_and_grads."""
     assert_close(got[0], want[0], dtype, f"loss, {case}", tol=tol)
-    for name, g, w in zip(NAMES, got[1], want[1]):
+    for name, g, w in zip(QUINTUPLET_INPUTS, got[1], want[1]):
         assert_close(g, w, dtype, f"d {name}, {case}", scale, tol=tol)
 
 
 @pytest.mark.parametrize("detach_weights", [False, True])
 @pytest.mark.parametrize("label_kind", LABEL_KINDS)
-@pytest.mark.parametrize("backend,n,d", per_backend(LOSS_BACKENDS, SIZES, SIMT_SIZES))
+@pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, SIZES, SIMT_SIZES))
 def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, detach_weights):
     inputs = [x.to(device) for x in random_inputs(n, d, seed=100 * n + d, count=6)]
-    labels = make_labels(label_kind, n)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, n, device=device)
     for normalize in (False, True):
         for reduction in ("sum", "mean"):
             options = dict(labels=labels, normalize=normalize, reduction=reduction, detach_weights=detach_weights)
@@ -78,8 +56,7 @@ def test_exact_ties_and_zero_hinges_match_the_oracle(backend, device, on_backend
     # Grid inputs: exactly tied negatives (the lowest index wins) and online and offline
     # hinges at exactly 0 (margins 1/4, 1/16), which must pass no gradient.
     inputs = [x.to(device) for x in grid_inputs(40, 3, seed=4, count=6)]
-    labels = make_labels(label_kind, 40)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, 40, device=device)
     img, txt, _, off_txt, *_ = inputs
     S = img @ txt.T
     assert bool(((0.25 + S - S.diagonal()[:, None]) == 0).any()), "the case must contain online hinges at 0"
@@ -95,8 +72,7 @@ def test_exact_ties_and_zero_hinges_match_the_oracle(backend, device, on_backend
 @pytest.mark.parametrize("label_kind", [None, "pairs"])
 def test_low_precision_matches_oracle(backend, device, on_backend, dtype, label_kind):
     inputs = [x.to(device) for x in grid_inputs(37, 8, dtype, seed=2, count=6)]
-    labels = make_labels(label_kind, 37)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, 37, device=device)
     for detach_weights in (False, True):
         for reduction in ("sum", "mean"):
             options = dict(margin_online=0.25, labels=labels, reduction=reduction, detach_weights=detach_weights)
@@ -219,41 +195,6 @@ def test_opcheck(backend, device, on_backend, labelled, detach_weights, anchors)
     torch.library.opcheck(op.quintuplet_backward.default, (torch.tensor(1.5, device=device), *detached, *saved))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    module = vse_cuda.QuintupletLoss(margin_offline=0.05, normalize=True, reduction="mean")
-    compiled = torch.compile(module, fullgraph=True)
-    inputs = random_inputs(12, 5, torch.float32, seed=6, count=6)
-    labels = make_labels("pairs", 12)
-    eager = loss_and_grads(lambda *xs: module(*xs, labels), *inputs)
-    graph = loss_and_grads(lambda *xs: compiled(*xs, labels), *inputs)
-    torch.testing.assert_close(graph, eager)
-
-
-@pytest.mark.parametrize("detach_weights", [False, True])
-def test_bitwise_deterministic(backend, device, on_backend, detach_weights):
-    inputs = [x.to(device) for x in random_inputs(300, 32, torch.float32, seed=9, count=6)]
-    fn = ours(on_backend, labels=make_labels("random", 300).to(device), chunk_size=64, detach_weights=detach_weights)
-    first, second = loss_and_grads(fn, *inputs), loss_and_grads(fn, *inputs)
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
-
-
-@pytest.mark.parametrize("detach_weights", [False, True])
-def test_simt_bitwise_deterministic_across_worker_counts(monkeypatch, detach_weights):
-    # The executor runs blocks on VSE_SIMT_THREADS OS threads: 1 and 3 workers interleave the
-    # blocks differently, and the results must not notice (no float atomics, fixed orders).
-    inputs = random_inputs(150, 16, torch.float32, seed=10, count=6)
-    labels = make_labels("random", 150)
-    runs = []
-    for workers in ("1", "3", "1"):
-        monkeypatch.setenv("VSE_SIMT_THREADS", workers)
-        fn = ours(lambda: vse_cuda.use_backend("simt"), labels=labels, chunk_size=40, detach_weights=detach_weights)
-        runs.append(loss_and_grads(fn, *inputs))
-    for other in runs[1:]:
-        assert torch.equal(runs[0][0], other[0])
-        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], other[1]))
-
-
 @pytest.mark.parametrize("detach_weights", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_simt_kernels_match_the_cpu_kernels(dtype, detach_weights):
@@ -319,115 +260,3 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend, which):
     assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
 
 
-def test_non_contiguous_inputs(backend, device, on_backend):
-    # Strided column slices and transposed (column-major) views.
-    g = torch.Generator().manual_seed(13)
-    bases = [torch.randn(15, 12, generator=g, dtype=torch.float64).to(device) for _ in range(3)]
-    bases += [torch.randn(6, 15, generator=g, dtype=torch.float64).to(device) for _ in range(3)]
-
-    def views(xs):
-        return [x[:, ::2] if x.size(0) == 15 else x.T for x in xs]
-
-    assert not any(x.is_contiguous() for x in views(bases))
-    got = loss_and_grads(lambda *xs: ours(on_backend, chunk_size=4)(*views(xs)), *bases)
-    want = loss_and_grads(lambda *xs: oracle()(*views(xs)), *bases)
-    assert_all_close(got, want, torch.float64)
-
-
-def test_module_matches_the_function():
-    inputs = random_inputs(11, 6, seed=12, count=6)
-    labels = make_labels("pairs", 11)
-    options = dict(margin_online=0.3, margin_offline=0.1, alpha=0.5, beta=1.2, detach_weights=True, normalize=True,
-                   reduction="mean")
-    module = vse_cuda.QuintupletLoss(**options)
-    assert "detach_weights=True" in repr(module) and "alpha=0.5" in repr(module)
-    assert torch.equal(module(*inputs, labels), vse_cuda.quintuplet_loss(*inputs, labels=labels, **options))
-    assert torch.equal(vse_cuda.QuintupletLoss()(*inputs), vse_cuda.quintuplet_loss(*inputs))
-
-
-def test_group_must_be_a_process_group():
-    # group= itself is tested with several processes in test_distributed.py.
-    inputs = random_inputs(3, 2, count=6)
-    with pytest.raises(TypeError, match="ProcessGroup"):
-        vse_cuda.quintuplet_loss(*inputs, group=object())
-    with pytest.raises(TypeError, match="ProcessGroup"):
-        vse_cuda.QuintupletLoss(group=object())
-
-
-def test_memory_stays_within_chunks():
-    # S would be 6000 × 6000 float32 = 137 MiB (the oracle keeps several); the engine holds one
-    # 500-row tile (11 MiB) and O(N) state; the backward is sparse.
-    script = textwrap.dedent("""
-        import resource, torch, vse_cuda
-        inputs = [torch.randn(6000, 16, requires_grad=True) for _ in range(6)]
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for detach in (False, True):
-            vse_cuda.quintuplet_loss(*inputs, detach_weights=detach, chunk_size=500).backward()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print((after - before) / 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
-    extra_mib = float(out.stdout.strip().splitlines()[-1])
-    assert extra_mib < 60, f"quintuplet_loss used {extra_mib:.0f} MiB extra; S alone would need 137 MiB"
-
-
-def _call(**overrides):
-    g = torch.Generator().manual_seed(0)
-    args = {name: torch.randn(4, 5, generator=g) for name in NAMES}
-    args.update(overrides)
-    inputs = [args.pop(name) for name in NAMES]
-    return vse_cuda.quintuplet_loss(*inputs, **args)
-
-
-@pytest.mark.parametrize("overrides, error, match", [
-    (dict(img="img"), TypeError, "img"),
-    (dict(off_img=None), TypeError, "off_img"),
-    (dict(txt2=torch.randn(4, 5).long()), TypeError, "txt2"),
-    (dict(off_txt=torch.randn(4, 5, 1)), ValueError, "off_txt"),
-    (dict(off_img=torch.randn(3, 5)), ValueError, "off_img"),
-    (dict(off_txt=torch.randn(5, 5)), ValueError, "off_txt"),
-    (dict(img2=torch.randn(2, 5)), ValueError, "img2"),
-    (dict(txt2=torch.randn(4, 6)), ValueError, "txt2"),
-    (dict(img2=torch.randn(4, 4)), ValueError, "img2"),
-    (dict(txt=torch.randn(4, 3)), ValueError, "txt"),
-    (dict(off_txt=torch.randn(4, 5).double()), TypeError, "off_txt"),
-    (dict(img2=torch.randn(4, 5).half()), TypeError, "img2"),
-    (dict(txt2=torch.randn(4, 5, device="meta")), ValueError, "txt2"),
-    (dict(**{name: torch.randn(0, 5) for name in NAMES}), ValueError, "N=0"),
-    (dict(margin_online=float("nan")), ValueError, "margin_online"),
-    (dict(margin_offline=float("inf")), ValueError, "margin_offline"),
-    (dict(margin_offline="0"), TypeError, "margin_offline"),
-    (dict(alpha=0.0), ValueError, "alpha"),
-    (dict(alpha=-0.3), ValueError, "alpha"),
-    (dict(alpha=float("nan")), ValueError, "alpha"),
-    (dict(alpha=float("inf")), ValueError, "alpha"),
-    (dict(alpha="0.3"), TypeError, "alpha"),
-    (dict(beta=float("-inf")), ValueError, "beta"),
-    (dict(beta=None), TypeError, "beta"),
-    (dict(detach_weights=1), TypeError, "detach_weights"),
-    (dict(labels=torch.zeros(4)), TypeError, "labels"),
-    (dict(labels=torch.zeros(3, dtype=torch.int64)), ValueError, "labels"),
-    (dict(normalize="yes"), TypeError, "normalize"),
-    (dict(reduction="none"), ValueError, "reduction"),
-    (dict(chunk_size=0), ValueError, "chunk_size"),
-])
-def test_bad_input(overrides, error, match):
-    with pytest.raises(error, match=match):
-        _call(**overrides)
-
-
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(margin_online=float("inf")), ValueError, "margin_online"),
-    (dict(margin_offline=float("nan")), ValueError, "margin_offline"),
-    (dict(alpha=0), ValueError, "alpha"),
-    (dict(alpha=-1.0), ValueError, "alpha"),
-    (dict(beta=float("nan")), ValueError, "beta"),
-    (dict(detach_weights="no"), TypeError, "detach_weights"),
-    (dict(reduction="avg"), ValueError, "reduction"),
-    (dict(normalize=1), TypeError, "normalize"),
-    (dict(chunk_size=0), ValueError, "chunk_size"),
-])
-def test_module_checks_its_keywords(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        vse_cuda.QuintupletLoss(**kwargs)

@@ -4,17 +4,14 @@ On simt (and cuda) this runs topk_tile_kernel (csrc/cuda/topk.cuh) and its block
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import vse_cuda
 from vse_cuda import reference as ref
 from vse_cuda._chunking import plan_chunks
+
+from _loss_cases import extra_peak_mib
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -157,17 +154,8 @@ def test_chunk_plan_respects_the_budget():
 
 def test_memory_stays_within_one_tile():
     # S would be 4000 × 100000 float32 = 1.6 GB; one tile is at most 256 MiB.
-    script = textwrap.dedent("""
-        import resource, torch, vse_cuda
-        q, keys = torch.randn(4000, 16), torch.randn(100000, 16)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        vse_cuda.topk_similar(q, keys, 10)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print((after - before) / 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
-    extra_mib = float(out.stdout.strip().splitlines()[-1])
+    extra_mib = extra_peak_mib("q, keys = torch.randn(4000, 16), torch.randn(100000, 16)",
+                               "vse_cuda.topk_similar(q, keys, 10)")
     assert extra_mib < 600, f"topk_similar used {extra_mib:.0f} MiB extra; S would need 1526 MiB"
 
 

@@ -1,7 +1,9 @@
 """triplet_loss / TripletLoss (the chunked engine) against the oracle
 vse_cuda.reference.triplet_loss: loss and both gradients for every mining mode, with and
 without labels, both reductions, normalization, chunk sizes that do and do not divide N, all
-dtypes; gradcheck, opcheck, torch.compile, determinism, special cases and bad input.
+dtypes; gradcheck, opcheck, special cases and duplicated rows. What every loss must satisfy
+(module = function, memory, bad input, determinism, torch.compile, ...) is in
+test_loss_contract.py.
 
 On simt (and cuda) this runs csrc/cuda/engine.cuh: topk_tile_kernel (mined lists),
 mined_hinge_terms_kernel, gather_rows_kernel (sparse backward), and for mining="all"
@@ -20,40 +22,28 @@ import torch
 import vse_cuda
 from vse_cuda import reference as ref
 
-from _loss_cases import (CUDA_BACKEND, LABEL_KINDS, assert_close, chunk_options, grid_inputs, loss_and_grads,
+from _loss_cases import (BACKENDS, LABEL_KINDS, TRIPLET, assert_close, chunk_options, grid_inputs, loss_and_grads,
                          make_labels, per_backend, random_inputs)
-
-LOSS_BACKENDS = ["cpu", "simt", CUDA_BACKEND]
 
 MININGS = [("hardest", 1), ("all", 1), ("topk", 1), ("topk", 3), ("topk", 200)]
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
 SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
 
 
-@pytest.fixture(params=LOSS_BACKENDS)
-def backend(request) -> str:
-    return request.param
-
-
 def ours(mining, k, on_backend, **options):
-    def loss(img, txt):
-        with on_backend():
-            return vse_cuda.triplet_loss(img, txt, mining=mining, k=k, **options)
-    return loss
+    return TRIPLET.ours(on_backend, mining=mining, k=k, **options)
 
 
 def oracle(mining, k, **options):
-    options.pop("chunk_size", None)
-    return lambda img, txt: ref.triplet_loss(img, txt, mining=mining, k=k, **options)
+    return TRIPLET.reference(mining=mining, k=k, **options)
 
 
 @pytest.mark.parametrize("label_kind", LABEL_KINDS)
 @pytest.mark.parametrize("mining,k", [m for m in MININGS if m != ("topk", 1)])  # topk k=1: the ties test
-@pytest.mark.parametrize("backend,n,d", per_backend(LOSS_BACKENDS, SIZES, SIMT_SIZES))
+@pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, SIZES, SIMT_SIZES))
 def test_matches_oracle_float64(backend, device, on_backend, n, d, mining, k, label_kind):
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
-    labels = make_labels(label_kind, n)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, n, device=device)
     for normalize in (False, True):
         for reduction in ("sum", "mean"):
             options = dict(margin=0.2, labels=labels, normalize=normalize, reduction=reduction)
@@ -72,8 +62,7 @@ def test_exact_ties_and_zero_hinges_match_the_oracle(backend, device, on_backend
     # Grid inputs: many exactly tied negatives (the lowest index wins) and hinges at exactly
     # 0 (margin 1/4, similarities multiples of 1/16), which must pass no gradient.
     img, txt = (x.to(device) for x in grid_inputs(40, 3, seed=4))
-    labels = make_labels(label_kind, 40)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, 40, device=device)
     S = img @ txt.T
     assert bool(((0.25 + S - S.diagonal()[:, None]) == 0).any()), "the case must contain hinges at 0"
     want_loss, want_grads = loss_and_grads(oracle(mining, k, margin=0.25, labels=labels), img, txt)
@@ -88,8 +77,7 @@ def test_exact_ties_and_zero_hinges_match_the_oracle(backend, device, on_backend
 @pytest.mark.parametrize("mining,k", MININGS[:4])
 def test_low_precision_matches_oracle(backend, device, on_backend, dtype, mining, k, label_kind):
     img, txt = (x.to(device) for x in grid_inputs(37, 8, dtype, seed=2))
-    labels = make_labels(label_kind, 37)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, 37, device=device)
     for reduction in ("sum", "mean"):
         options = dict(margin=0.25, labels=labels, reduction=reduction)
         want_loss, want_grads = loss_and_grads(oracle(mining, k, **options), img, txt)
@@ -199,43 +187,6 @@ def test_opcheck(backend, device, on_backend, mining, k, labelled, anchors):
                                                         labels, 0.2, mining, *saved, *anchors, 4, 6))
 
 
-@pytest.mark.parametrize("mining", ["hardest", "topk"])
-def test_torch_compile_fullgraph_forward_and_backward(mining):
-    module = vse_cuda.TripletLoss(mining=mining, k=2, normalize=True, reduction="mean")
-    compiled = torch.compile(module, fullgraph=True)
-    img, txt = random_inputs(12, 5, torch.float32, seed=6)
-    labels = make_labels("pairs", 12)
-    eager = loss_and_grads(lambda a, b: module(a, b, labels), img, txt)
-    graph = loss_and_grads(lambda a, b: compiled(a, b, labels), img, txt)
-    torch.testing.assert_close(graph, eager)
-
-
-@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 4)])
-def test_bitwise_deterministic(backend, device, on_backend, mining, k):
-    img, txt = (x.to(device) for x in random_inputs(300, 32, torch.float32, seed=9))
-    labels = make_labels("random", 300).to(device)
-    fn = ours(mining, k, on_backend, labels=labels, chunk_size=64)
-    first, second = loss_and_grads(fn, img, txt), loss_and_grads(fn, img, txt)
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
-
-
-@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 4)])
-def test_simt_bitwise_deterministic_across_worker_counts(monkeypatch, mining, k):
-    # The executor runs blocks on VSE_SIMT_THREADS OS threads: 1 and 3 workers interleave the
-    # blocks differently, and the results must not notice (no float atomics, fixed orders).
-    img, txt = random_inputs(150, 16, torch.float32, seed=10)
-    labels = make_labels("random", 150)
-    runs = []
-    for workers in ("1", "3", "1"):
-        monkeypatch.setenv("VSE_SIMT_THREADS", workers)
-        runs.append(loss_and_grads(ours(mining, k, lambda: vse_cuda.use_backend("simt"), labels=labels,
-                                        chunk_size=40), img, txt))
-    for other in runs[1:]:
-        assert torch.equal(runs[0][0], other[0])
-        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], other[1]))
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 5)])
 def test_simt_kernels_match_the_cpu_kernels(dtype, mining, k):
@@ -257,16 +208,6 @@ def test_simt_kernels_match_the_cpu_kernels(dtype, mining, k):
         torch.testing.assert_close(got, want, **tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
-def test_single_pair_gives_zero_loss_and_zero_gradients(backend, device, on_backend, dtype, mining, k):
-    img, txt = (x.to(device) for x in random_inputs(1, 4, dtype))
-    for normalize in (False, True):
-        loss, grads = loss_and_grads(ours(mining, k, on_backend, normalize=normalize, margin=5.0), img, txt)
-        assert loss.dtype == dtype and float(loss) == 0.0
-        assert all(g.dtype == dtype and not bool(g.any()) for g in grads)
-
-
 @pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
 def test_nan_input_gives_nan_loss(backend, device, on_backend, mining, k):
     img, txt = (x.to(device) for x in random_inputs(10, 4, seed=2))
@@ -279,59 +220,6 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend, mining, k):
             _, _, _, row_index, col_index = vse_cuda._lib.ops(img, txt).triplet_forward(
                 img, txt, torch.empty(0, dtype=torch.int64, device=device), 0.2, mining, k, 0, 10, 4, 10)
         assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
-
-
-@pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
-def test_non_contiguous_inputs(backend, device, on_backend, mining, k):
-    # img a strided column slice, txt a transposed (column-major) view.
-    g = torch.Generator().manual_seed(13)
-    base_img = torch.randn(15, 12, generator=g, dtype=torch.float64).to(device)
-    base_txt = torch.randn(6, 15, generator=g, dtype=torch.float64).to(device)
-    assert not base_img[:, ::2].is_contiguous() and not base_txt.T.is_contiguous()
-    loss, grads = loss_and_grads(lambda a, b: ours(mining, k, on_backend, chunk_size=4)(a[:, ::2], b.T),
-                                 base_img, base_txt)
-    want_loss, want_grads = loss_and_grads(lambda a, b: oracle(mining, k)(a[:, ::2], b.T), base_img, base_txt)
-    assert_close(loss, want_loss, torch.float64, "loss")
-    assert_close(grads[0], want_grads[0], torch.float64, "d img")
-    assert_close(grads[1], want_grads[1], torch.float64, "d txt")
-
-def test_module_matches_the_function():
-    img, txt = random_inputs(11, 6, seed=12)
-    labels = make_labels("pairs", 11)
-    module = vse_cuda.TripletLoss(margin=0.3, mining="topk", k=2, normalize=True, reduction="mean")
-    assert "mining='topk', k=2" in repr(module)
-    expected = vse_cuda.triplet_loss(img, txt, margin=0.3, mining="topk", k=2, labels=labels, normalize=True,
-                                     reduction="mean")
-    assert torch.equal(module(img, txt, labels), expected)
-    assert torch.equal(vse_cuda.TripletLoss()(img, txt), vse_cuda.triplet_loss(img, txt))
-
-
-def test_group_must_be_a_process_group():
-    # group= itself is tested with several processes in test_distributed.py.
-    img, txt = random_inputs(3, 2)
-    with pytest.raises(TypeError, match="ProcessGroup"):
-        vse_cuda.triplet_loss(img, txt, group=object())
-    with pytest.raises(TypeError, match="ProcessGroup"):
-        vse_cuda.TripletLoss(group=object())
-
-
-def test_memory_stays_within_chunks():
-    # S would be 6000 × 6000 float32 = 137 MiB (the oracle keeps several); the engine holds one
-    # 500-row tile (11 MiB) and O(N·k) state.
-    script = textwrap.dedent("""
-        import resource, torch, vse_cuda
-        img = torch.randn(6000, 16, requires_grad=True)
-        txt = torch.randn(6000, 16, requires_grad=True)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for mining in ("hardest", "all", "topk"):
-            vse_cuda.triplet_loss(img, txt, mining=mining, k=5, chunk_size=500).backward()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print((after - before) / 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
-    extra_mib = float(out.stdout.strip().splitlines()[-1])
-    assert extra_mib < 60, f"triplet_loss used {extra_mib:.0f} MiB extra; S alone would need 137 MiB"
 
 
 @pytest.mark.slow
@@ -360,51 +248,6 @@ def test_no_n_by_n_allocation_at_n_60000():
     assert out.stdout.strip().splitlines()[-1] == "True"
 
 
-def _call(**overrides):
-    g = torch.Generator().manual_seed(0)
-    args = dict(img=torch.randn(4, 5, generator=g), txt=torch.randn(4, 5, generator=g))
-    args.update(overrides)
-    return vse_cuda.triplet_loss(args.pop("img"), args.pop("txt"), **args)
-
-
-@pytest.mark.parametrize("overrides, error, match", [
-    (dict(img="img"), TypeError, "img"),
-    (dict(img=torch.randn(4, 5).long()), TypeError, "img"),
-    (dict(img=torch.randn(4, 5, 1)), ValueError, "img"),
-    (dict(txt=torch.randn(4, 3)), ValueError, "txt"),
-    (dict(txt=torch.randn(5, 5)), ValueError, "txt"),
-    (dict(txt=torch.randn(4, 5).double()), TypeError, "txt"),
-    (dict(txt=torch.randn(4, 5, device="meta")), ValueError, "txt"),
-    (dict(img=torch.randn(0, 5), txt=torch.randn(0, 5)), ValueError, "N=0"),
-    (dict(margin=float("nan")), ValueError, "margin"),
-    (dict(margin="0.2"), TypeError, "margin"),
-    (dict(mining="max"), ValueError, "mining"),
-    (dict(mining="topk", k=0), ValueError, "k"),
-    (dict(mining="topk", k=2.0), TypeError, "k"),
-    (dict(labels=torch.zeros(4)), TypeError, "labels"),
-    (dict(labels=torch.zeros(3, dtype=torch.int64)), ValueError, "labels"),
-    (dict(labels=[0, 1, 2, 3]), TypeError, "labels"),
-    (dict(normalize="yes"), TypeError, "normalize"),
-    (dict(reduction="none"), ValueError, "reduction"),
-    (dict(chunk_size=0), ValueError, "chunk_size"),
-])
-def test_bad_input(overrides, error, match):
-    with pytest.raises(error, match=match):
-        _call(**overrides)
-
-
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(margin=float("inf")), ValueError, "margin"),
-    (dict(mining="semi"), ValueError, "mining"),
-    (dict(k=-1), ValueError, "k"),
-    (dict(reduction="avg"), ValueError, "reduction"),
-    (dict(normalize=1), TypeError, "normalize"),
-])
-def test_module_checks_its_keywords(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        vse_cuda.TripletLoss(**kwargs)
-
-
 # ----------------------------------------------- duplicated rows: positives as the tiles hold them
 
 def _with_duplicates(n: int, d: int, dtype: torch.dtype, which: str, seed: int):
@@ -429,7 +272,7 @@ DUPLICATE_SIMT_SIZES = [(5, 3), (17, 64)]
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("label_kind", [None, "random"])
 @pytest.mark.parametrize("which", ["captions", "images", "pairs"])
-@pytest.mark.parametrize("backend,n,d", per_backend(LOSS_BACKENDS, DUPLICATE_SIZES, DUPLICATE_SIMT_SIZES))
+@pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, DUPLICATE_SIZES, DUPLICATE_SIMT_SIZES))
 def test_all_negatives_at_zero_margin_with_duplicates(backend, device, on_backend, n, d, which, label_kind, dtype):
     # VSE0 (mining="all") at margin 0: every hinge of a copy against its original is at exactly 0.
     # The oracle runs in float64 on the same (dtype-valued) inputs, where the copies' scores
@@ -439,8 +282,7 @@ def test_all_negatives_at_zero_margin_with_duplicates(backend, device, on_backen
     # column position within a tile (measured for float64 and small float32 tiles), which no
     # choice of positives undoes (a known limit; see the engine's tiles.h).
     img, txt = (x.to(device) for x in _with_duplicates(n, d, dtype, which, seed=7 * n + d))
-    labels = make_labels(label_kind, n, seed=n)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, n, seed=n, device=device)
     want_loss, want_grads = loss_and_grads(oracle("all", 1, margin=0.0, labels=labels), img.double(), txt.double())
     for chunk in (None,):
         loss, grads = loss_and_grads(ours("all", 1, on_backend, margin=0.0, labels=labels, chunk_size=chunk), img, txt)

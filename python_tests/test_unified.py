@@ -1,59 +1,37 @@
 """unified_loss / UnifiedLoss (the chunked engine) against the oracle
 vse_cuda.reference.unified_loss: loss and both gradients with and without labels, both
 reductions, normalization, chunk sizes that do and do not divide N, all dtypes, large scales;
-the InfoNCE special case, gradcheck, opcheck, torch.compile, determinism, special cases and
-bad input.
+the InfoNCE special case, gradcheck, opcheck and special cases. What every loss must satisfy
+(module = function, memory, bad input, determinism, torch.compile, ...) is in
+test_loss_contract.py.
 
 On simt (and cuda) this runs dense_rows_kernel, dense_columns_kernel, dense_finish_kernel
 and dense_gradient_kernel of csrc/cuda/engine.cuh."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vse_cuda
-from vse_cuda import reference as ref
 
-from _loss_cases import (CUDA_BACKEND, LABEL_KINDS, TOL, assert_close, chunk_options, grid_inputs, loss_and_grads,
+from _loss_cases import (BACKENDS, LABEL_KINDS, TOL, UNIFIED, assert_close, chunk_options, grid_inputs, loss_and_grads,
                          make_labels, per_backend, random_inputs)
-
-LOSS_BACKENDS = ["cpu", "simt", CUDA_BACKEND]
 
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
 SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
 
 
-@pytest.fixture(params=LOSS_BACKENDS)
-def backend(request) -> str:
-    return request.param
-
-
-def ours(on_backend, **options):
-    def loss(img, txt):
-        with on_backend():
-            return vse_cuda.unified_loss(img, txt, **options)
-    return loss
-
-
-def oracle(**options):
-    options.pop("chunk_size", None)
-    return lambda img, txt: ref.unified_loss(img, txt, **options)
+ours, oracle = UNIFIED.ours, UNIFIED.reference
 
 
 @pytest.mark.parametrize("scale,margin", [(20.0, 0.2), (1000.0, 0.1)])
 @pytest.mark.parametrize("label_kind", LABEL_KINDS)
-@pytest.mark.parametrize("backend,n,d", per_backend(LOSS_BACKENDS, SIZES, SIMT_SIZES))
+@pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, SIZES, SIMT_SIZES))
 def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, scale, margin):
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
-    labels = make_labels(label_kind, n)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, n, device=device)
     for normalize in (False, True):
         for reduction in ("sum", "mean"):
             options = dict(scale=scale, margin=margin, labels=labels, normalize=normalize, reduction=reduction)
@@ -73,8 +51,7 @@ def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, s
 @pytest.mark.parametrize("label_kind", [None, "pairs"])
 def test_low_precision_matches_oracle(backend, device, on_backend, dtype, label_kind):
     img, txt = (x.to(device) for x in grid_inputs(37, 8, dtype, seed=2))
-    labels = make_labels(label_kind, 37)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, 37, device=device)
     for reduction in ("sum", "mean"):
         options = dict(margin=0.25, labels=labels, reduction=reduction)
         want_loss, want_grads = loss_and_grads(oracle(**options), img, txt)
@@ -167,39 +144,6 @@ def test_opcheck(backend, device, on_backend, labelled, anchors):
                                                         labels, 20.0, 0.2, *saved, *anchors, 4, 6))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    module = vse_cuda.UnifiedLoss(scale=10.0, normalize=True, reduction="mean")
-    compiled = torch.compile(module, fullgraph=True)
-    img, txt = random_inputs(12, 5, torch.float32, seed=6)
-    labels = make_labels("pairs", 12)
-    eager = loss_and_grads(lambda a, b: module(a, b, labels), img, txt)
-    graph = loss_and_grads(lambda a, b: compiled(a, b, labels), img, txt)
-    torch.testing.assert_close(graph, eager)
-
-
-def test_bitwise_deterministic(backend, device, on_backend):
-    img, txt = (x.to(device) for x in random_inputs(300, 32, torch.float32, seed=9))
-    fn = ours(on_backend, labels=make_labels("random", 300).to(device), chunk_size=64)
-    first, second = loss_and_grads(fn, img, txt), loss_and_grads(fn, img, txt)
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
-
-
-def test_simt_bitwise_deterministic_across_worker_counts(monkeypatch):
-    # The executor runs blocks on VSE_SIMT_THREADS OS threads: 1 and 3 workers interleave the
-    # blocks differently, and the results must not notice (no float atomics, fixed orders).
-    img, txt = random_inputs(150, 16, torch.float32, seed=10)
-    labels = make_labels("random", 150)
-    runs = []
-    for workers in ("1", "3", "1"):
-        monkeypatch.setenv("VSE_SIMT_THREADS", workers)
-        runs.append(loss_and_grads(ours(lambda: vse_cuda.use_backend("simt"), labels=labels, chunk_size=40),
-                                   img, txt))
-    for other in runs[1:]:
-        assert torch.equal(runs[0][0], other[0])
-        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], other[1]))
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_simt_kernels_match_the_cpu_kernels(dtype):
     # The ops themselves on 5 × 4 tiles (chunks 16 and 24 do not divide N = 75): the same
@@ -217,115 +161,12 @@ def test_simt_kernels_match_the_cpu_kernels(dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_single_pair_gives_zero_loss_and_zero_gradients(backend, device, on_backend, dtype):
-    img, txt = (x.to(device) for x in random_inputs(1, 4, dtype))
-    for normalize in (False, True):
-        loss, grads = loss_and_grads(ours(on_backend, normalize=normalize), img, txt)
-        assert loss.dtype == dtype and float(loss) == 0.0
-        assert all(g.dtype == dtype and not bool(g.any()) for g in grads)
-
-
 def test_nan_input_gives_nan_loss(backend, device, on_backend):
     img, txt = (x.to(device) for x in random_inputs(10, 4, seed=2))
     txt[6, 0] = float("nan")
     loss, grads = loss_and_grads(ours(on_backend, chunk_size=4), img, txt)
     assert torch.isnan(loss)
     assert grads[0].shape == img.shape and grads[1].shape == txt.shape
-
-
-def test_non_contiguous_inputs(backend, device, on_backend):
-    # img a strided column slice, txt a transposed (column-major) view.
-    g = torch.Generator().manual_seed(13)
-    base_img = torch.randn(15, 12, generator=g, dtype=torch.float64).to(device)
-    base_txt = torch.randn(6, 15, generator=g, dtype=torch.float64).to(device)
-    loss, grads = loss_and_grads(lambda a, b: ours(on_backend, chunk_size=4)(a[:, ::2], b.T), base_img, base_txt)
-    want_loss, want_grads = loss_and_grads(lambda a, b: oracle()(a[:, ::2], b.T), base_img, base_txt)
-    assert_close(loss, want_loss, torch.float64, "loss")
-    assert_close(grads[0], want_grads[0], torch.float64, "d img")
-    assert_close(grads[1], want_grads[1], torch.float64, "d txt")
-
-
-def test_module_matches_the_function():
-    img, txt = random_inputs(11, 6, seed=12)
-    labels = make_labels("pairs", 11)
-    module = vse_cuda.UnifiedLoss(scale=30.0, margin=0.1, normalize=True, reduction="mean")
-    assert "scale=30.0" in repr(module)
-    expected = vse_cuda.unified_loss(img, txt, scale=30.0, margin=0.1, labels=labels, normalize=True,
-                                     reduction="mean")
-    assert torch.equal(module(img, txt, labels), expected)
-    assert torch.equal(vse_cuda.UnifiedLoss()(img, txt), vse_cuda.unified_loss(img, txt))
-
-
-def test_group_must_be_a_process_group():
-    # group= itself is tested with several processes in test_distributed.py.
-    img, txt = random_inputs(3, 2)
-    with pytest.raises(TypeError, match="ProcessGroup"):
-        vse_cuda.unified_loss(img, txt, group=object())
-    with pytest.raises(TypeError, match="ProcessGroup"):
-        vse_cuda.UnifiedLoss(group=object())
-
-
-def test_memory_stays_within_chunks():
-    # S would be 6000 × 6000 float32 = 137 MiB (the oracle keeps several); the engine holds one
-    # 500-row tile (11 MiB), in the forward and in the backward.
-    script = textwrap.dedent("""
-        import resource, torch, vse_cuda
-        img = torch.randn(6000, 16, requires_grad=True)
-        txt = torch.randn(6000, 16, requires_grad=True)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        vse_cuda.unified_loss(img, txt, chunk_size=500).backward()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print((after - before) / 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
-    extra_mib = float(out.stdout.strip().splitlines()[-1])
-    assert extra_mib < 60, f"unified_loss used {extra_mib:.0f} MiB extra; S alone would need 137 MiB"
-
-
-def _call(**overrides):
-    g = torch.Generator().manual_seed(0)
-    args = dict(img=torch.randn(4, 5, generator=g), txt=torch.randn(4, 5, generator=g))
-    args.update(overrides)
-    return vse_cuda.unified_loss(args.pop("img"), args.pop("txt"), **args)
-
-
-@pytest.mark.parametrize("overrides, error, match", [
-    (dict(img=None), TypeError, "img"),
-    (dict(txt=torch.randn(4, 5).int()), TypeError, "txt"),
-    (dict(img=torch.randn(20)), ValueError, "img"),
-    (dict(txt=torch.randn(4, 6)), ValueError, "txt"),
-    (dict(txt=torch.randn(3, 5)), ValueError, "txt"),
-    (dict(txt=torch.randn(4, 5).half()), TypeError, "txt"),
-    (dict(img=torch.randn(0, 5), txt=torch.randn(0, 5)), ValueError, "N=0"),
-    (dict(scale=0.0), ValueError, "scale"),
-    (dict(scale=-20.0), ValueError, "scale"),
-    (dict(scale=float("inf")), ValueError, "scale"),
-    (dict(scale="20"), TypeError, "scale"),
-    (dict(margin=float("nan")), ValueError, "margin"),
-    (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, "labels"),
-    (dict(labels=torch.zeros(4, 1, dtype=torch.int64)), ValueError, "labels"),
-    (dict(normalize=None), TypeError, "normalize"),
-    (dict(reduction="batchmean"), ValueError, "reduction"),
-    (dict(chunk_size=-3), ValueError, "chunk_size"),
-    (dict(chunk_size=2.5), TypeError, "chunk_size"),
-])
-def test_bad_input(overrides, error, match):
-    with pytest.raises(error, match=match):
-        _call(**overrides)
-
-
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(scale=0), ValueError, "scale"),
-    (dict(margin=float("-inf")), ValueError, "margin"),
-    (dict(reduction="none"), ValueError, "reduction"),
-    (dict(normalize="true"), TypeError, "normalize"),
-    (dict(chunk_size=0), ValueError, "chunk_size"),
-])
-def test_module_checks_its_keywords(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        vse_cuda.UnifiedLoss(**kwargs)
 
 
 # --------------------------------------------------- large scales: γ times a difference, not a difference of γ S
@@ -342,8 +183,7 @@ def test_large_scale_gradients_as_precise_as_the_float32_oracle(backend, device,
     # (forming γ S_ij and γ S_ii first cancels every digit of their difference at large γ).
     n, d = 29, 16
     img, txt = (F.normalize(x, dim=1).to(device) for x in random_inputs(n, d, torch.float32, seed=11))
-    labels = make_labels(label_kind, n, seed=2)
-    labels = None if labels is None else labels.to(device)
+    labels = make_labels(label_kind, n, seed=2, device=device)
     options = dict(scale=scale, margin=0.1, labels=labels)
     exact_loss, exact_grads = loss_and_grads(oracle(**options), img.double(), txt.double())
     ref_loss, ref_grads = loss_and_grads(oracle(**options), img, txt)
