@@ -5,7 +5,7 @@ the relative-similarity sets without cancellation, grad_output scaling, the VSE+
 case, opcheck and special cases. What every loss must satisfy (module = function, memory, bad
 input, determinism, torch.compile, ...) is in test_loss_contract.py.
 
-On simt (and cuda) this runs csrc/cuda/engine.cuh: topk_tile_kernel (the mined lists, k = 1),
+On simt (and cuda) this runs csrc/cuda/engine_kernels.cuh and topk.cuh: topk_tile_kernel (the mined lists, k = 1),
 for lin_ms / sig_ms dense_rows_kernel and dense_columns_kernel over NegativeSetPolicy (the
 negative sets, in the same tile sweep), gather_rows_kernel (sparse backward), and
 csrc/cuda/anchors.cuh: anchors_kernel over GoalAnchors (each anchor's value and weights) and,

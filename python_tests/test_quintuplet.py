@@ -5,7 +5,7 @@ all dtypes; gradcheck, a surrogate for detached weights, opcheck and special cas
 loss must satisfy (module = function, memory, bad input, determinism, torch.compile, ...) is in
 test_loss_contract.py.
 
-On simt (and cuda) this runs csrc/cuda/engine.cuh: topk_tile_kernel (the mined lists, k = 1),
+On simt (and cuda) this runs csrc/cuda/engine_kernels.cuh and topk.cuh: topk_tile_kernel (the mined lists, k = 1),
 gather_rows_kernel (sparse backward), and csrc/cuda/anchors.cuh: anchors_kernel over
 QuintupletAnchors (each anchor's term and saved gradients)."""
 

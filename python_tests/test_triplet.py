@@ -5,7 +5,7 @@ dtypes; gradcheck, opcheck, special cases and duplicated rows. What every loss m
 (module = function, memory, bad input, determinism, torch.compile, ...) is in
 test_loss_contract.py.
 
-On simt (and cuda) this runs csrc/cuda/engine.cuh: topk_tile_kernel (mined lists),
+On simt (and cuda) this runs csrc/cuda/engine_kernels.cuh and topk.cuh: topk_tile_kernel (mined lists),
 mined_hinge_terms_kernel, gather_rows_kernel (sparse backward), and for mining="all"
 dense_rows_kernel, dense_columns_kernel, dense_finish_kernel, dense_gradient_kernel."""
 

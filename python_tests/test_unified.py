@@ -6,7 +6,7 @@ the InfoNCE special case, gradcheck, opcheck and special cases. What every loss 
 test_loss_contract.py.
 
 On simt (and cuda) this runs dense_rows_kernel, dense_columns_kernel, dense_finish_kernel
-and dense_gradient_kernel of csrc/cuda/engine.cuh."""
+and dense_gradient_kernel of csrc/cuda/engine_kernels.cuh."""
 
 from __future__ import annotations
 
