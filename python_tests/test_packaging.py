@@ -62,6 +62,7 @@ def test_build_requirements_state_setup_pys_torch_range(setup_py):
     torch_requirements = [r for r in PYPROJECT["build-system"]["requires"] if r.startswith("torch")]
     assert torch_requirements == [f"torch{setup_py.TORCH_RANGE}"]
     assert setup_py.TORCH_RANGE == ">=2.11,<2.15"
+    assert f"Supported PyTorch: **torch{setup_py.TORCH_RANGE}**" in (ROOT / "README.md").read_text()
 
 
 def test_version_comes_from_the_package_only(sdist):
