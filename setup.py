@@ -96,12 +96,19 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    """One CMake run builds every library; setuptools then places each extension's file."""
+    """One CMake run builds every library into its build folder; each extension's file is then
+    copied where setuptools wants it. CMake does not write there itself: an editable install's
+    folder is a new temporary one on every install, which would relink every library each time."""
 
     def build_extension(self, ext: Extension) -> None:
-        if getattr(self, "_cmake_built", False):
-            return
-        self._cmake_built = True
+        if not getattr(self, "_cmake_built", False):
+            self._cmake_built = True
+            self.run_cmake()
+        target = Path(self.get_ext_fullpath(ext.name))
+        self.mkpath(str(target.parent))
+        self.copy_file(str(self.build_dir() / "vse_cuda" / target.name), str(target))
+
+    def run_cmake(self) -> None:
         if TORCH_VERSION is None:
             raise BuildError(f"torch is not installed in {sys.executable}; install torch{TORCH_RANGE} first "
                              "or let `pip install .` build in isolation.")
@@ -109,10 +116,10 @@ class CMakeBuild(build_ext):
             raise BuildError("cmake was not found on PATH; install it (pip install cmake or apt install cmake).")
         if shutil.which(os.environ.get("CXX", "g++")) is None:
             raise BuildError("no C++ compiler found; install g++ (apt install g++) or set CXX.")
-        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = self.build_dir()
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DVSE_OUTPUT_DIR={output_dir}",
+            f"-DVSE_OUTPUT_DIR={build_dir / 'vse_cuda'}",
             f"-DVSE_WITH_SIMT={'OFF' if os.environ.get('VSE_SIMT', '1') == '0' else 'ON'}",
             f"-DVSE_SANITIZE={os.environ.get('VSE_SANITIZE', '')}",
             "-DCMAKE_BUILD_TYPE=Release",
@@ -122,7 +129,6 @@ class CMakeBuild(build_ext):
             args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
-        build_dir = ROOT / "build" / self.build_variant()
         build_dir.mkdir(parents=True, exist_ok=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         log_path = build_dir / "build.log"
@@ -136,6 +142,9 @@ class CMakeBuild(build_ext):
                 if result.returncode != 0:
                     sys.stderr.write(result.stdout[-20000:])
                     raise BuildError(f"'{' '.join(command[:2])}' failed; the full log is {log_path}.")
+
+    def build_dir(self) -> Path:
+        return ROOT / "build" / self.build_variant()
 
     @staticmethod
     def build_variant() -> str:
