@@ -19,7 +19,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 , := ,
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: demo test build sanitize-test sanitize-address sanitize-thread
+.PHONY: demo test build check-install sanitize-test sanitize-address sanitize-thread
 
 # VSE++ (1 warm-up epoch of VSE0), Adam 2e-4, batch 128, clip 2, 20 epochs with lr x0.1 at 10 (the
 # AOQ/VSRN schedule: the official 30 epochs take ~4 min of training here). One torch thread: steps are
@@ -46,6 +46,14 @@ $(VENV)/.requirements: requirements-dev.txt
 # No build isolation: the build uses the venv's torch instead of installing a second copy.
 build: $(VENV)/.requirements
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+# One install the way a pip user does it, in a fresh temporary venv, then a smoke test of the
+# installed copy (benchmarks/check_install.sh; minutes each, so not part of `make test`):
+#   make check-install                 pip install .  (build isolation)
+#   make check-install TORCH=2.13.0    pip install torch==2.13.0, then pip install --no-build-isolation .
+TORCH ?= isolated
+check-install:
+	bash benchmarks/check_install.sh $(TORCH)
 
 # ---------------------------------------------------------------------------------------------
 # Sanitizers. Each run builds the libraries CPU-only with -DVSE_SANITIZE into its own build
