@@ -59,7 +59,10 @@ inline const int64_t* labels_data(const at::Tensor& labels) {
 // The row-wise inner products ⟨a_i, b_i⟩ of two [N, D] tensors in the accumulate type, O(N·D):
 // S_ii up to rounding (a different reduction than the tiles' GEMM), for values that are not
 // compared with tile entries; the losses' positives come from the tiles (tile_positives).
-inline at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) { return (a * b).sum(1).contiguous(); }
+inline at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
+  const auto acc = accumulate_type(a.scalar_type());
+  return (a.to(acc) * b.to(acc)).sum(1).contiguous();
+}
 
 // [n, W] states, each State{} (an empty state), as T on the device of `options` (filled
 // column by column: no host-to-device copy, which would synchronize the stream).
@@ -141,7 +144,8 @@ struct Positives {
 
 inline Positives tile_positives(const at::Tensor& a, const at::Tensor& b, const Anchors& anchors, int64_t row_chunk,
                                 int64_t col_chunk, Tiling tiling) {
-  Positives out{at::zeros({a.size(0)}, a.options()), at::zeros({a.size(0)}, a.options())};
+  const auto options = accumulate_options(a);
+  Positives out{at::zeros({a.size(0)}, options), at::zeros({a.size(0)}, options)};
   for_each_anchor_tile(
       a, b, anchors, row_chunk, col_chunk,
       [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
@@ -258,8 +262,8 @@ Positives dense_positives(const at::Tensor& a, const at::Tensor& b, const Anchor
 
 // Forward of a dense loss: (loss summed over the anchors' row and column terms, row_saved
 // [N, 2], col_saved [N, 2]; the saved values of other pairs are 0). a and b are [N, D]
-// contiguous in the accumulate type T. Every entry's add() gets its anchor's positive S_ii,
-// known before the sweep (dense_positives).
+// contiguous in their operand type (tiles.h), T their accumulate type. Every entry's add()
+// gets its anchor's positive S_ii, known before the sweep (dense_positives).
 template <class Engine, typename T, typename Policy>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a, const at::Tensor& b,
                                                              const int64_t* labels, const Policy& policy,
@@ -268,8 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a
   using Passes = typename Engine::template Dense<T, Policy>;
   using State = typename Policy::State;
   const int64_t n = a.size(0);
-  const auto row_state = initial_states<T, State>(n, a.options());
-  const auto col_state = initial_states<T, State>(n, a.options());
+  const auto options = accumulate_options(a);
+  const auto row_state = initial_states<T, State>(n, options);
+  const auto col_state = initial_states<T, State>(n, options);
   const TilePlan plan = dense_plan<Policy>(row_chunk, col_chunk);
   const Positives positive = dense_positives<Policy>(a, b, anchors, plan);
   for_each_anchor_tile(
@@ -279,8 +284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a
         if (directions & kColumnAnchors) Passes::columns(policy, tile, r0, c0, labels, positive.col, col_state);
       },
       plan.tiling);
-  const auto terms = at::zeros({2, n}, a.options());
-  auto row_saved = at::zeros({n, kSavedWidth}, a.options()), col_saved = at::zeros({n, kSavedWidth}, a.options());
+  const auto terms = at::zeros({2, n}, options);
+  auto row_saved = at::zeros({n, kSavedWidth}, options), col_saved = at::zeros({n, kSavedWidth}, options);
   Passes::finish(policy, anchors.of(row_state), anchors.of(positive.row), anchors.of(terms[0]), anchors.of(row_saved));
   Passes::finish(policy, anchors.of(col_state), anchors.of(positive.col), anchors.of(terms[1]), anchors.of(col_saved));
   return {sum_terms(terms), row_saved, col_saved};
@@ -289,21 +294,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a
 // Backward of a dense loss: recomputes each tile S_c the anchors need, turns it into
 // G_c = grad·∂L/∂S_c in place from the saved row and column values, then dA_c = G_c·B_c and
 // dB_c += G_cᵀ·A_c (two GEMMs per tile, accumulated tile after tile in a fixed order). grad is
-// 0-dim in T on the device. Returns (dA, dB) in T.
+// 0-dim in T on the device; a and b as in dense_forward. With half operands G_c is rounded to
+// their type for the two GEMMs (as eager autocast rounds it) and dA, dB accumulate in T.
+// Returns (dA, dB) in T.
 template <class Engine, typename T, typename Policy>
 std::tuple<at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
                                                   const int64_t* labels, const Policy& policy, const Anchors& anchors,
                                                   int64_t row_chunk, int64_t col_chunk, const at::Tensor& row_saved,
                                                   const at::Tensor& col_saved) {
   using Passes = typename Engine::template Dense<T, Policy>;
-  auto da = at::zeros_like(a), db = at::zeros_like(b);
+  auto da = at::zeros(a.sizes(), accumulate_options(a)), db = at::zeros(b.sizes(), accumulate_options(b));
   const TilePlan plan = dense_plan<Policy>(row_chunk, col_chunk);
   for_each_anchor_tile(a, b, anchors, plan.row_chunk, plan.col_chunk,
                        [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
                          Passes::gradient(policy, grad, tile, r0, c0, labels, row_saved, col_saved, directions);
                          const int64_t rows = tile.size(0), cols = tile.size(1);
-                         da.narrow(0, r0, rows).addmm_(tile, b.narrow(0, c0, cols));
-                         db.narrow(0, c0, cols).addmm_(tile.t(), a.narrow(0, r0, rows));
+                         const auto g = tile.to(a.scalar_type());
+                         add_product(da.narrow(0, r0, rows), g, b.narrow(0, c0, cols));
+                         add_product(db.narrow(0, c0, cols), g.t(), a.narrow(0, r0, rows));
                        },
                        plan.tiling);
   return {da, db};
@@ -329,10 +337,9 @@ MinedLists mine_negatives(const at::Tensor& a, const at::Tensor& b, const int64_
   using Passes = typename Engine::template Mined<T>;
   const int64_t n = a.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "mined losses: at most 2^31-1 pairs");
-  const auto index_options = a.options().dtype(at::kLong);
-  MinedLists lists{at::zeros({n, k}, a.options()), at::full({n, k}, -1, index_options),
-                   at::zeros({n, k}, a.options()), at::full({n, k}, -1, index_options), at::zeros({n}, a.options()),
-                   at::zeros({n}, a.options())};
+  const auto options = accumulate_options(a), index_options = a.options().dtype(at::kLong);
+  MinedLists lists{at::zeros({n, k}, options), at::full({n, k}, -1, index_options), at::zeros({n, k}, options),
+                   at::full({n, k}, -1, index_options), at::zeros({n}, options),       at::zeros({n}, options)};
   for_each_anchor_tile(a, b, anchors, row_chunk, col_chunk,
                        [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
                          if (directions & kRowAnchors) {

@@ -80,8 +80,8 @@ GoalNegatives mine_goal_negatives(const at::Tensor& a, const at::Tensor& b, cons
   const auto dots = row_dots(a, b);
   const at::Tensor threshold = (dots.min() - goal_negative_offset<T>()).contiguous();
   const Policy policy{threshold.data_ptr<T>(), b_scale, pair == PairWeight::kSigMs};
-  GoalNegatives out{{}, initial_states<T, typename Policy::State>(n, a.options()),
-                    initial_states<T, typename Policy::State>(n, a.options())};
+  GoalNegatives out{{}, initial_states<T, typename Policy::State>(n, accumulate_options(a)),
+                    initial_states<T, typename Policy::State>(n, accumulate_options(a))};
   out.lists = mine_negatives<Engine, T>(
       a, b, labels, 1, anchors, row_chunk, col_chunk,
       [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> goal_forw
   const Anchors anchors = checked_anchors("goal_forward", anchor_begin, anchor_end, n);
   const bool relative = is_relative(pair) && n > 0;
   const auto acc = accumulate_type(img.scalar_type());
-  const auto a = img.to(acc).contiguous(), b = txt.to(acc).contiguous();
+  const auto a = as_operand(img), b = as_operand(txt);
   const auto lab = labels.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(acc, "goal_forward", [&] {
@@ -122,8 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> goal_forw
     // 𝒫 spans every pair's positive; the mined lists read only the anchors'.
     const SortedPositives positives =
         relative ? sort_positives<Engine>(anchors.all(n) ? lists.row_positive : row_dots(a, b), a_) : SortedPositives{};
-    const auto terms = at::zeros({2, n}, a.options());
-    at::Tensor saved[2] = {at::zeros({n, 2}, a.options()), at::zeros({n, 2}, a.options())};
+    const auto acc_options = accumulate_options(a);
+    const auto terms = at::zeros({2, n}, acc_options);
+    at::Tensor saved[2] = {at::zeros({n, 2}, acc_options), at::zeros({n, 2}, acc_options)};
     const at::Tensor* hardest[2] = {&lists.row_values, &lists.col_values};
     const at::Tensor* index[2] = {&lists.row_indices, &lists.col_indices};
     const at::Tensor* sets[2] = {&mined.row_set, &mined.col_set};

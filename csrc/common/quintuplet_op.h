@@ -50,21 +50,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quintuplet_forward(
   const typename Engine::Guard guard(img);
   const int64_t n = img.size(0);
   const Anchors anchors = checked_anchors("quintuplet_forward", anchor_begin, anchor_end, n);
-  // References, not a structured binding: lambdas capture bindings only since C++20.
+  // The in-batch scores from the tiles' GEMMs in the operand type; x, y, q, z, the offline
+  // scores (spec §3.3), one row-wise dot each in the accumulate type.
+  const auto a = as_operand(img), b = as_operand(txt);
   const QuintupletInputs acc = to_accumulate(inputs);
-  const at::Tensor &a = acc[0], &b = acc[1], &a_off = acc[2], &b_off = acc[3];
-  const auto lab = labels.contiguous();
-  // x, y, q, z: the offline scores (spec §3.3), one row-wise dot each.
-  const at::Tensor offline[4] = {row_dots(a, b_off), row_dots(a_off, b), row_dots(a_off, b_off),
+  const at::Tensor offline[4] = {row_dots(acc[0], acc[3]), row_dots(acc[2], acc[1]), row_dots(acc[2], acc[3]),
                                  row_dots(acc[4], acc[5])};
+  const auto lab = labels.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "quintuplet_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc[0].scalar_type(), "quintuplet_forward", [&] {
     using T = scalar_t;
     const QuintupletOptions<T> options{static_cast<T>(margin_online), static_cast<T>(margin_offline),
                                        static_cast<T>(alpha), static_cast<T>(beta), detach_weights};
     const MinedLists lists = mine_negatives<Engine, T>(a, b, labels_data(lab), 1, anchors, row_chunk, col_chunk);
-    auto saved = at::zeros({n, kQuintupletScores}, a.options());
-    const auto terms = at::zeros({n}, a.options());
+    auto saved = at::zeros({n, kQuintupletScores}, acc[0].options());
+    const auto terms = at::zeros({n}, acc[0].options());
     for_each_anchor_of<Engine>(
         anchors, QuintupletAnchors<T>{options, lists.row_positive.data_ptr<T>(), lists.row_values.data_ptr<T>(),
                                 lists.row_indices.data_ptr<int64_t>(), lists.col_values.data_ptr<T>(),

@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_f
   const Anchors anchors = checked_anchors("triplet_forward", anchor_begin, anchor_end, n);
   const int64_t width = triplet_list_width(mining, k, n);
   const auto acc = accumulate_type(img.scalar_type());
-  const auto a = img.to(acc).contiguous(), b = txt.to(acc).contiguous();
+  const auto a = as_operand(img), b = as_operand(txt);
   const auto lab = labels.contiguous();
   const int64_t* labels_ptr = labels_data(lab);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
@@ -51,14 +51,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_f
       const auto [loss, row_saved, col_saved] =
           dense_forward<Engine, scalar_t>(a, b, labels_ptr, HingeSumPolicy<scalar_t>{m}, anchors, row_chunk,
                                           col_chunk);
-      const auto none = at::empty({n, 0}, a.options().dtype(at::kLong));
+      const auto none = at::empty({n, 0}, lab.options().dtype(at::kLong));
       out = {loss, row_saved, col_saved, none, none.clone()};
       return;
     }
     using Passes = typename Engine::template Mined<scalar_t>;
     const auto lists = mine_negatives<Engine, scalar_t>(a, b, labels_ptr, width, anchors, row_chunk, col_chunk);
-    auto row_weight = at::empty({n, width}, a.options()), col_weight = at::empty({n, width}, a.options());
-    const auto terms = at::empty({2, n}, a.options());
+    const auto acc_options = accumulate_options(a);
+    auto row_weight = at::empty({n, width}, acc_options), col_weight = at::empty({n, width}, acc_options);
+    const auto terms = at::empty({2, n}, acc_options);
     Passes::hinge_terms(lists.row_values, lists.row_indices, lists.row_positive, m, row_weight, terms[0]);
     Passes::hinge_terms(lists.col_values, lists.col_indices, lists.col_positive, m, col_weight, terms[1]);
     out = {sum_terms(terms), row_weight, col_weight, lists.row_indices, lists.col_indices};
@@ -87,10 +88,10 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(const at::Tensor& grad, cons
   const at::Tensor* others[4] = {&row_saved, &col_saved, &row_index, &col_index};
   const char* names[4] = {"row_saved", "col_saved", "row_index", "col_index"};
   for (int t = 0; t < 4; ++t) check_device("triplet_backward", names[t], *others[t], img);
-  const auto a = img.to(acc).contiguous(), b = txt.to(acc).contiguous();
-  const auto g = grad.to(a.options());
+  const auto g = grad.to(accumulate_options(img));
   std::tuple<at::Tensor, at::Tensor> grads;
   if (mining == "all") {
+    const auto a = as_operand(img), b = as_operand(txt);
     const auto lab = labels.contiguous();
     const auto rs = row_saved.contiguous(), cs = col_saved.contiguous();
     AT_DISPATCH_FLOATING_TYPES(acc, "triplet_backward", [&] {
@@ -104,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(const at::Tensor& grad, cons
                 "triplet_backward: index lists must be int64 and match the saved weights");
     // The positive S_ii of every listed pair gets minus the pair's weight, in both directions.
     const auto diagonal = -(row_saved.sum(1) + col_saved.sum(1));
-    grads = sparse_backward<Engine>(g, a, b, row_index, row_saved, col_index, col_saved, diagonal);
+    grads = sparse_backward<Engine>(g, img.to(acc), txt.to(acc), row_index, row_saved, col_index, col_saved, diagonal);
   }
   return {std::get<0>(grads).to(img.scalar_type()), std::get<1>(grads).to(txt.scalar_type())};
 }

@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unified_forward(const at::Tensor&
   const typename Engine::Guard guard(img);
   const Anchors anchors = checked_anchors("unified_forward", anchor_begin, anchor_end, img.size(0));
   const auto acc = accumulate_type(img.scalar_type());
-  const auto a = img.to(acc).contiguous(), b = txt.to(acc).contiguous();
+  const auto a = as_operand(img), b = as_operand(txt);
   const auto lab = labels.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(acc, "unified_forward", [&] {
@@ -50,10 +50,10 @@ std::tuple<at::Tensor, at::Tensor> unified_backward(const at::Tensor& grad, cons
   check_saved("unified_backward", "col_saved", col_saved, n, kSavedWidth, acc);
   check_device("unified_backward", "row_saved", row_saved, img);
   check_device("unified_backward", "col_saved", col_saved, img);
-  const auto a = img.to(acc).contiguous(), b = txt.to(acc).contiguous();
+  const auto a = as_operand(img), b = as_operand(txt);
   const auto lab = labels.contiguous();
   const auto rs = row_saved.contiguous(), cs = col_saved.contiguous();
-  const auto g = grad.to(a.options());
+  const auto g = grad.to(accumulate_options(img));
   std::tuple<at::Tensor, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(acc, "unified_backward", [&] {
     const UnifiedPolicy<scalar_t> policy{static_cast<scalar_t>(scale), static_cast<scalar_t>(margin)};

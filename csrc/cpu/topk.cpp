@@ -32,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor> topk_similar(const at::Tensor& queries, const
   AT_DISPATCH_FLOATING_TYPES(acc, "topk_similar_cpu", [&] {
     scalar_t* list_values = values.data_ptr<scalar_t>();
     int64_t* list_indices = indices.data_ptr<int64_t>();
-    for_each_tile(queries, keys, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
+    const auto operand_queries = as_operand(queries), operand_keys = as_operand(keys);
+    for_each_tile(operand_queries, operand_keys, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
       const scalar_t* scores = tile.data_ptr<scalar_t>();
       const int64_t cols = tile.size(1);
       at::parallel_for(0, tile.size(0), 1, [&](int64_t begin, int64_t end) {

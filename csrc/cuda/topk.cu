@@ -33,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor> topk_similar(const at::Tensor& queries, const
     TORCH_CHECK(smem <= kTopkMaxSharedBytes, "topk_similar: k=", k, " needs ", smem,
                 " bytes of shared memory per block on CUDA; use k <= 8192 (float32) or 4096 (float64)");
     const LabelExclusion excluded{qlab_ptr, klab_ptr};
-    for_each_tile(queries, keys, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
+    const auto operand_queries = as_operand(queries), operand_keys = as_operand(keys);
+    for_each_tile(operand_queries, operand_keys, row_chunk, col_chunk, [&](const at::Tensor& tile, int64_t r0, int64_t c0) {
       const int64_t cols = tile.size(1);
       launch(topk_tile_kernel<scalar_t, LabelExclusion>, dim3(static_cast<unsigned>(tile.size(0))),
              dim3(kTopkThreads), smem, current_stream(), tile.data_ptr<scalar_t>(), cols, cols, int64_t{1}, r0,
