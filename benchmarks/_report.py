@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import os
 import shlex
 import sys
@@ -62,6 +63,20 @@ def write_csv(path: Path, fields: list[str], rows: Iterable[dict[str, Any]], *,
 def heading(title: str, command: str) -> list[str]:
     """The first lines of a report: its title and the command that wrote it."""
     return [f"# {title}", "", f"Command: `{command}`", ""]
+
+
+def run_line(rows: list[dict[str, Any]], started: datetime.datetime, loads: tuple, finished: bool,
+             own_load: str) -> str:
+    """A report's line on its run: the start, the minutes taken (INCOMPLETE while unfinished) and
+    the 1-min load average at the start, before the rows' cases and at the end; `own_load` says
+    how much of that load the benchmark adds itself."""
+    minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
+    case_loads = [r["load_before"] for r in rows if r["load_before"] is not None]
+    return (f"Date: {started:%Y-%m-%d %H:%M} UTC, {minutes:.1f} min"
+            + ("" if finished else " so far (INCOMPLETE: the run was interrupted or is still going)") + ". "
+            f"Load (1-min average): {loads[0]:.2f} at the start"
+            + (f", {min(case_loads):.1f}–{max(case_loads):.1f} before the cases" if case_loads else "")
+            + (f", {loads[1]:.2f} at the end" if len(loads) > 1 else "") + f" ({own_load}).")
 
 
 def table_row(cells: Iterable[Any]) -> str:

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 
 from _harness import available_memory_bytes, machine_info, malloc_trim, measure_calls, offer_to_oom_killer
 from _report import (add_common_arguments, fmt, heading, log_log, new_parser, parse_profile, print_written, pyplot,
-                     run_saving_each, save_figure, start_run, status_cell, table, write_csv)
+                     run_line, run_saving_each, save_figure, start_run, status_cell, table, write_csv)
 
 METHODS = ("ours", "baseline")
 LOSSES = ("triplet_hardest", "unified")
@@ -452,8 +452,6 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namespace, command: str,
                    info: dict[str, str], started: datetime.datetime, loads: tuple, finished: bool) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    case_loads = [r["load_before"] for r in rows if r["load_before"] is not None]
     skipped = sorted({f"{r['world']} ranks n={r['n']} D={r['dim']}" for r in rows if r["status"] == "skipped"})
     lines = heading("Exact global negatives across ranks: vse_cuda `group=` vs open_clip-style materialized local "
                     "loss", command) + [
@@ -462,12 +460,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         "rank: 2 ranks fill the 2 cores, 4 ranks oversubscribe them** (ranks time-share the cores, so 4-rank "
         "times are not comparable with 2-rank times nor with a real cluster).",
         "",
-        f"Date: {started:%Y-%m-%d %H:%M} UTC, {(now - started).total_seconds() / 60:.1f} min"
-        + ("" if finished else " so far (INCOMPLETE: interrupted or still running)") + ". "
-        f"Load (1-min average): {loads[0]:.2f} before the run"
-        + (f", {min(case_loads):.1f}–{max(case_loads):.1f} before the cases" if case_loads else "")
-        + (f", {loads[1]:.2f} after it" if len(loads) > 1 else "") + " (this benchmark adds about its rank "
-        "count; more means other jobs shared the CPU and inflated wall time; CPU s is less affected).",
+        run_line(rows, started, loads, finished, "this benchmark adds about its rank count; more means other jobs "
+                 "shared the CPU and inflated wall time; CPU s is less affected"),
         "",
         "How: per step, each rank runs `loss = f(img_shard, txt_shard, group=WORLD); loss.backward()` on its "
         f"[n, D] float32 shard (L2-normalized seeded pairs, seed {args.seed}) of N = ranks·n pairs; "

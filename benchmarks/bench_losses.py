@@ -59,7 +59,7 @@ import torch
 
 from _harness import Measurement, available_memory_bytes, machine_info, malloc_trim, run_isolated
 from _report import (add_common_arguments, div, fmt, heading, log_log, new_parser, parse_profile, print_written,
-                     pyplot, run_saving_each, save_figure, start_run, status_cell, table, write_csv)
+                     pyplot, run_line, run_saving_each, save_figure, start_run, status_cell, table, write_csv)
 
 _MiB = 2**20
 _GiB = 2**30
@@ -545,21 +545,14 @@ def targets_section(rows: list[dict[str, Any]], big: list[int] | None) -> list[s
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namespace, command: str,
                    info: dict[str, str], started: datetime.datetime, loads: tuple, finished: bool) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    case_loads = [r["load_before"] for r in rows if r["load_before"] is not None]
     lines = heading("vse_cuda losses, forward + backward: fused vs GEMM floor vs eager oracle vs "
                     "pytorch-metric-learning", command) + [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; {info['threads']} threads for every "
         f"method; torch {info['torch']}, vse_cuda {info['vse_cuda']}, pytorch-metric-learning {info['pytorch-metric-learning']}, "
         f"Python {info['python']}.",
         "",
-        f"Date: {started:%Y-%m-%d %H:%M} UTC, {(now - started).total_seconds() / 60:.1f} min"
-        + ("" if finished else " so far (INCOMPLETE: the run was interrupted or is still going)") + ". "
-        f"Load (1-min average): {loads[0]:.1f} at the start"
-        + (f", {min(case_loads):.1f}–{max(case_loads):.1f} before the cases" if case_loads else "")
-        + (f", {loads[1]:.1f} at the end" if len(loads) > 1 else "") + " (this benchmark adds about its thread "
-        "count; more means other processes shared the CPU, and the CPU s column tells a slow method from a "
-        "busy machine).",
+        run_line(rows, started, loads, finished, "this benchmark adds about its thread count; more means other "
+                 "processes shared the CPU, and the CPU s column tells a slow method from a busy machine"),
         "",
         "How: each call is `loss = f(img, txt, ...)` then `loss.backward()` with respect to every input "
         f"(requires_grad; L2-normalized seeded Gaussian data, seed {args.seed}), each (method, configuration) "

@@ -49,6 +49,16 @@ CUDA_BACKEND = pytest.param("cuda", marks=[pytest.mark.cuda,
 BACKENDS = ["cpu", "simt", CUDA_BACKEND]
 
 
+def opcheck_setup(device, on_backend, labelled: bool, count: int = 2):
+    """What the ops' opcheck tests call them with: `count` float32 [9, 5] inputs requiring grad,
+    random labels or none, and the ops of the backend `on_backend` selects."""
+    inputs = [x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3, count=count)]
+    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
+    with on_backend():
+        op = vse_cuda._lib.ops(*inputs)
+    return inputs, labels, op
+
+
 def per_backend(backends, cases, simt_cases):
     """Parameters (backend, *case) of a test grid: every case on each backend, but only
     `simt_cases` on "simt" (the SIMT executor runs each GPU thread as a CPU fiber, so its grid

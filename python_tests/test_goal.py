@@ -23,7 +23,7 @@ import vse_cuda
 from vse_cuda import reference as ref
 
 from _loss_cases import (BACKENDS, GOAL, GOAL_PAIR_WEIGHTS, LABEL_KINDS, aligned_inputs, assert_close, chunk_options,
-                         grid_inputs, loss_and_grads, make_labels, per_backend, random_inputs)
+                         grid_inputs, loss_and_grads, make_labels, opcheck_setup, per_backend, random_inputs)
 
 TRIPLET_WEIGHTS = ("con", "nca", "cir")
 PAIR_WEIGHTS = GOAL_PAIR_WEIGHTS
@@ -257,10 +257,7 @@ def test_con_con_is_the_hardest_triplet_when_every_hinge_is_active(backend, devi
 @pytest.mark.parametrize("triplet_weight,pair_weight", [("con", "con"), ("nca", "sig_ms"), ("cir", "lin_ms")])
 @pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
 def test_opcheck(backend, device, on_backend, triplet_weight, pair_weight, labelled, anchors):
-    img, txt = (x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3))
-    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
-    with on_backend():
-        op = vse_cuda._lib.ops(img, txt)
+    (img, txt), labels, op = opcheck_setup(device, on_backend, labelled)
     args = (img, txt, labels, triplet_weight, pair_weight, 1.0, 2.0, 10.0, 0.5, *anchors, 4, 6)
     torch.library.opcheck(op.goal_forward.default, args)
     _, *saved = op.goal_forward(img.detach(), txt.detach(), *args[2:])

@@ -19,7 +19,7 @@ import vse_cuda
 from vse_cuda import reference as ref
 
 from _loss_cases import (BACKENDS, LABEL_KINDS, QUINTUPLET, QUINTUPLET_INPUTS, assert_close, chunk_options, grid_inputs,
-                         loss_and_grads, make_labels, per_backend, random_inputs)
+                         loss_and_grads, make_labels, opcheck_setup, per_backend, random_inputs)
 
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
 SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
@@ -184,10 +184,7 @@ def test_detached_weights_are_constants(backend, device, on_backend, labelled, n
 @pytest.mark.parametrize("labelled", [False, True])
 @pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
 def test_opcheck(backend, device, on_backend, labelled, detach_weights, anchors):
-    inputs = [x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3, count=6)]
-    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
-    with on_backend():
-        op = vse_cuda._lib.ops(*inputs)
+    inputs, labels, op = opcheck_setup(device, on_backend, labelled, count=6)
     args = (*inputs, labels, 0.2, 0.05, 0.3, 1.5, detach_weights, *anchors, 4, 6)
     torch.library.opcheck(op.quintuplet_forward.default, args)
     detached = [x.detach() for x in inputs]

@@ -23,7 +23,7 @@ import vse_cuda
 from vse_cuda import reference as ref
 
 from _loss_cases import (BACKENDS, LABEL_KINDS, TRIPLET, assert_close, chunk_options, grid_inputs, loss_and_grads,
-                         make_labels, per_backend, random_inputs)
+                         make_labels, opcheck_setup, per_backend, random_inputs)
 
 MININGS = [("hardest", 1), ("all", 1), ("topk", 1), ("topk", 3), ("topk", 200)]
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
@@ -177,10 +177,7 @@ def test_gradcheck(backend, device, on_backend, mining, k, normalize):
 @pytest.mark.parametrize("mining,k", [("hardest", 1), ("all", 1), ("topk", 3)])
 @pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
 def test_opcheck(backend, device, on_backend, mining, k, labelled, anchors):
-    img, txt = (x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3))
-    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
-    with on_backend():
-        op = vse_cuda._lib.ops(img, txt)
+    (img, txt), labels, op = opcheck_setup(device, on_backend, labelled)
     torch.library.opcheck(op.triplet_forward.default, (img, txt, labels, 0.2, mining, k, *anchors, 4, 6))
     _, *saved = op.triplet_forward(img.detach(), txt.detach(), labels, 0.2, mining, k, *anchors, 4, 6)
     torch.library.opcheck(op.triplet_backward.default, (torch.tensor(1.5, device=device), img.detach(), txt.detach(),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import vse_cuda
 
 from _loss_cases import (BACKENDS, LABEL_KINDS, TOL, UNIFIED, assert_close, chunk_options, grid_inputs, loss_and_grads,
-                         make_labels, per_backend, random_inputs)
+                         make_labels, opcheck_setup, per_backend, random_inputs)
 
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
 SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
@@ -134,10 +134,7 @@ def test_gradcheck(backend, device, on_backend, labelled, normalize):
 @pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
 @pytest.mark.parametrize("labelled", [False, True])
 def test_opcheck(backend, device, on_backend, labelled, anchors):
-    img, txt = (x.float().to(device).requires_grad_() for x in random_inputs(9, 5, seed=3))
-    labels = (make_labels("random", 9) if labelled else torch.empty(0, dtype=torch.int64)).to(device)
-    with on_backend():
-        op = vse_cuda._lib.ops(img, txt)
+    (img, txt), labels, op = opcheck_setup(device, on_backend, labelled)
     torch.library.opcheck(op.unified_forward.default, (img, txt, labels, 20.0, 0.2, *anchors, 4, 6))
     _, *saved = op.unified_forward(img.detach(), txt.detach(), labels, 20.0, 0.2, *anchors, 4, 6)
     torch.library.opcheck(op.unified_backward.default, (torch.tensor(0.5, device=device), img.detach(), txt.detach(),
