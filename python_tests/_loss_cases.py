@@ -100,6 +100,15 @@ def chunk_options(n: int) -> list[int | None]:
     return options
 
 
+def oracle_grid(n: int):
+    """The (normalize, reduction, chunk sizes) an oracle-grid test covers at batch size n: every
+    normalize x reduction, with each of chunk_options(n) under "sum" and the default plan under
+    "mean" (the reduction does not reach the chunked engine)."""
+    for normalize in (False, True):
+        for reduction in ("sum", "mean"):
+            yield normalize, reduction, chunk_options(n) if reduction == "sum" else [None]
+
+
 def loss_and_grads(fn, *inputs: torch.Tensor):
     """fn(*inputs) (e.g. img, txt) and its gradients with respect to every input (fresh leaves)."""
     leaves = tuple(x.detach().clone().requires_grad_(True) for x in inputs)

@@ -22,8 +22,8 @@ import torch
 import vse_cuda
 from vse_cuda import reference as ref
 
-from _loss_cases import (BACKENDS, GOAL, GOAL_PAIR_WEIGHTS, LABEL_KINDS, aligned_inputs, assert_close, chunk_options,
-                         grid_inputs, loss_and_grads, make_labels, opcheck_setup, per_backend, random_inputs)
+from _loss_cases import (BACKENDS, GOAL, GOAL_PAIR_WEIGHTS, LABEL_KINDS, aligned_inputs, assert_close, grid_inputs,
+                         loss_and_grads, make_labels, opcheck_setup, oracle_grid, per_backend, random_inputs)
 
 TRIPLET_WEIGHTS = ("con", "nca", "cir")
 PAIR_WEIGHTS = GOAL_PAIR_WEIGHTS
@@ -51,15 +51,14 @@ def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, t
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
     labels = make_labels(label_kind, n, device=device)
     for pair_weight in PAIR_WEIGHTS:
-        for normalize in (False, True):
-            for reduction in ("sum", "mean"):
-                options = dict(triplet_weight=triplet_weight, pair_weight=pair_weight, labels=labels,
-                               normalize=normalize, reduction=reduction)
-                want = loss_and_grads(oracle(**options), img, txt)
-                for chunk in chunk_options(n) if reduction == "sum" else [None]:
-                    got = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), img, txt)
-                    assert_all_close(got, want, torch.float64,
-                                     f"{pair_weight} normalize={normalize} reduction={reduction} chunk={chunk}")
+        for normalize, reduction, chunks in oracle_grid(n):
+            options = dict(triplet_weight=triplet_weight, pair_weight=pair_weight, labels=labels,
+                           normalize=normalize, reduction=reduction)
+            want = loss_and_grads(oracle(**options), img, txt)
+            for chunk in chunks:
+                got = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), img, txt)
+                assert_all_close(got, want, torch.float64,
+                                 f"{pair_weight} normalize={normalize} reduction={reduction} chunk={chunk}")
 
 
 @pytest.mark.parametrize("triplet_weight,pair_weight", WEIGHTS)

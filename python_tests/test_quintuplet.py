@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import vse_cuda
 from vse_cuda import reference as ref
 
-from _loss_cases import (BACKENDS, LABEL_KINDS, QUINTUPLET, QUINTUPLET_INPUTS, assert_close, chunk_options, grid_inputs,
-                         loss_and_grads, make_labels, opcheck_setup, per_backend, random_inputs)
+from _loss_cases import (BACKENDS, LABEL_KINDS, QUINTUPLET, QUINTUPLET_INPUTS, assert_close, grid_inputs,
+                         loss_and_grads, make_labels, opcheck_setup, oracle_grid, per_backend, random_inputs)
 
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
 SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
@@ -41,13 +41,12 @@ def assert_all_close(got, want, dtype, case="", scale=1.0, tol=None):
 def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, detach_weights):
     inputs = [x.to(device) for x in random_inputs(n, d, seed=100 * n + d, count=6)]
     labels = make_labels(label_kind, n, device=device)
-    for normalize in (False, True):
-        for reduction in ("sum", "mean"):
-            options = dict(labels=labels, normalize=normalize, reduction=reduction, detach_weights=detach_weights)
-            want = loss_and_grads(oracle(**options), *inputs)
-            for chunk in chunk_options(n) if reduction == "sum" else [None]:
-                got = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), *inputs)
-                assert_all_close(got, want, torch.float64, f"normalize={normalize} reduction={reduction} chunk={chunk}")
+    for normalize, reduction, chunks in oracle_grid(n):
+        options = dict(labels=labels, normalize=normalize, reduction=reduction, detach_weights=detach_weights)
+        want = loss_and_grads(oracle(**options), *inputs)
+        for chunk in chunks:
+            got = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), *inputs)
+            assert_all_close(got, want, torch.float64, f"normalize={normalize} reduction={reduction} chunk={chunk}")
 
 
 @pytest.mark.parametrize("detach_weights", [False, True])

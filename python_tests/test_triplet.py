@@ -22,8 +22,8 @@ import torch
 import vse_cuda
 from vse_cuda import reference as ref
 
-from _loss_cases import (BACKENDS, LABEL_KINDS, TRIPLET, assert_close, chunk_options, grid_inputs, loss_and_grads,
-                         make_labels, opcheck_setup, per_backend, random_inputs)
+from _loss_cases import (BACKENDS, LABEL_KINDS, TRIPLET, assert_close, grid_inputs, loss_and_grads, make_labels,
+                         opcheck_setup, oracle_grid, per_backend, random_inputs)
 
 MININGS = [("hardest", 1), ("all", 1), ("topk", 1), ("topk", 3), ("topk", 200)]
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
@@ -44,16 +44,15 @@ def oracle(mining, k, **options):
 def test_matches_oracle_float64(backend, device, on_backend, n, d, mining, k, label_kind):
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
     labels = make_labels(label_kind, n, device=device)
-    for normalize in (False, True):
-        for reduction in ("sum", "mean"):
-            options = dict(margin=0.2, labels=labels, normalize=normalize, reduction=reduction)
-            want_loss, want_grads = loss_and_grads(oracle(mining, k, **options), img, txt)
-            for chunk in chunk_options(n) if reduction == "sum" else [None]:
-                loss, grads = loss_and_grads(ours(mining, k, on_backend, chunk_size=chunk, **options), img, txt)
-                case = f"normalize={normalize} reduction={reduction} chunk={chunk}"
-                assert_close(loss, want_loss, torch.float64, f"loss, {case}")
-                assert_close(grads[0], want_grads[0], torch.float64, f"d img, {case}")
-                assert_close(grads[1], want_grads[1], torch.float64, f"d txt, {case}")
+    for normalize, reduction, chunks in oracle_grid(n):
+        options = dict(margin=0.2, labels=labels, normalize=normalize, reduction=reduction)
+        want_loss, want_grads = loss_and_grads(oracle(mining, k, **options), img, txt)
+        for chunk in chunks:
+            loss, grads = loss_and_grads(ours(mining, k, on_backend, chunk_size=chunk, **options), img, txt)
+            case = f"normalize={normalize} reduction={reduction} chunk={chunk}"
+            assert_close(loss, want_loss, torch.float64, f"loss, {case}")
+            assert_close(grads[0], want_grads[0], torch.float64, f"d img, {case}")
+            assert_close(grads[1], want_grads[1], torch.float64, f"d txt, {case}")
 
 
 @pytest.mark.parametrize("label_kind", [None, "random", "pairs"])

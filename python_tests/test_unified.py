@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import vse_cuda
 
 from _loss_cases import (BACKENDS, LABEL_KINDS, TOL, UNIFIED, assert_close, chunk_options, grid_inputs, loss_and_grads,
-                         make_labels, opcheck_setup, per_backend, random_inputs)
+                         make_labels, opcheck_setup, oracle_grid, per_backend, random_inputs)
 
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
 SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
@@ -32,19 +32,18 @@ ours, oracle = UNIFIED.ours, UNIFIED.reference
 def test_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, scale, margin):
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=100 * n + d))
     labels = make_labels(label_kind, n, device=device)
-    for normalize in (False, True):
-        for reduction in ("sum", "mean"):
-            options = dict(scale=scale, margin=margin, labels=labels, normalize=normalize, reduction=reduction)
-            want_loss, want_grads = loss_and_grads(oracle(**options), img, txt)
-            for chunk in chunk_options(n) if reduction == "sum" else [None]:
-                loss, grads = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), img, txt)
-                case = f"normalize={normalize} reduction={reduction} chunk={chunk}"
-                # Gradients relative to the loss per anchor too: with normalize and D = 1
-                # they are exactly 0, sums of terms of the size of the loss that cancel.
-                per_anchor = float(want_loss.abs()) / n
-                assert_close(loss, want_loss, torch.float64, f"loss, {case}")
-                assert_close(grads[0], want_grads[0], torch.float64, f"d img, {case}", per_anchor)
-                assert_close(grads[1], want_grads[1], torch.float64, f"d txt, {case}", per_anchor)
+    for normalize, reduction, chunks in oracle_grid(n):
+        options = dict(scale=scale, margin=margin, labels=labels, normalize=normalize, reduction=reduction)
+        want_loss, want_grads = loss_and_grads(oracle(**options), img, txt)
+        for chunk in chunks:
+            loss, grads = loss_and_grads(ours(on_backend, chunk_size=chunk, **options), img, txt)
+            case = f"normalize={normalize} reduction={reduction} chunk={chunk}"
+            # Gradients relative to the loss per anchor too: with normalize and D = 1
+            # they are exactly 0, sums of terms of the size of the loss that cancel.
+            per_anchor = float(want_loss.abs()) / n
+            assert_close(loss, want_loss, torch.float64, f"loss, {case}")
+            assert_close(grads[0], want_grads[0], torch.float64, f"d img, {case}", per_anchor)
+            assert_close(grads[1], want_grads[1], torch.float64, f"d txt, {case}", per_anchor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
