@@ -977,3 +977,26 @@ def test_unified_label_positives_hand_value():
 def test_unified_label_positives_needs_labels():
     with pytest.raises(ValueError, match="needs labels"):
         ref.unified_loss(torch.randn(3, 2), torch.randn(3, 2), label_positives=True)
+
+
+@pytest.mark.parametrize("use_labels", [False, True])
+def test_unified_scale_gradient_from_similarity_gradient(use_labels):
+    # dL/dg = <dL/dS, S> / g + m sum_anchors (1 - e^-L_anchor): what an engine can form from
+    # its dA (<dL/dS, A B^T> = <dL/dS B, A>) and saved L without another GEMM.
+    g = torch.Generator().manual_seed(16)
+    n, scale, margin = 7, 3.0, 0.2
+    img = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    txt = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 3, 1, 4]) if use_labels else None
+    S = (img @ txt.T).requires_grad_()
+    gamma = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    loss = ref.unified_loss_from_similarity(S, scale=gamma, margin=margin, labels=labels)
+    dS, dgamma = torch.autograd.grad(loss, (S, gamma))
+    valid = ref.negative_mask(n, labels)
+    anchor_losses = []
+    for M, V in ((S.detach(), valid), (S.detach().T, valid.T)):
+        z = (scale * (M - M.diagonal()[:, None] + margin)).masked_fill(~V, float("-inf"))
+        anchor_losses.append(torch.logsumexp(torch.cat([torch.zeros(n, 1, dtype=M.dtype), z], 1), 1))
+    L = torch.cat(anchor_losses)
+    want = (dS * S.detach()).sum() / scale + margin * (-torch.expm1(-L)).sum()
+    torch.testing.assert_close(dgamma, want, rtol=1e-12, atol=0)
