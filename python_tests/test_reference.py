@@ -147,7 +147,8 @@ def test_public_signatures():
                                           "labels": None, "normalize": False,
                                           "reduction": "sum"}),
         "unified_loss": (["img", "txt"], {"scale": 20.0, "margin": 0.2, "labels": None,
-                                          "normalize": False, "reduction": "sum"}),
+                                          "normalize": False, "reduction": "sum",
+                                          "label_positives": False}),
         "quintuplet_loss": (["img", "txt", "off_img", "off_txt", "img2", "txt2"],
                             {"margin_online": 0.2, "margin_offline": 0.0, "alpha": 0.3,
                              "beta": 1.5, "detach_weights": False, "labels": None,
@@ -911,3 +912,91 @@ def test_half_inputs(name, fn, dtype):
     assert torch.isfinite(gi).all() and torch.isfinite(gt).all()
     torch.testing.assert_close(gi, ga.to(dtype), rtol=0, atol=0)
     torch.testing.assert_close(gt, gb.to(dtype), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# unified: tensor scale (learnable temperature) and positives from labels (issue 15)
+# --------------------------------------------------------------------------------------------
+
+def _unified_scale_grad_by_hand(S, scale, margin, valid):
+    """sum over row and column anchors of sum_j p_ij (S_ij - S_ii + m), p the softmax weights."""
+    total = S.new_zeros(())
+    for M, V in ((S, valid), (S.T, valid.T)):
+        d = M - M.diagonal()[:, None] + margin
+        z = (scale * d).masked_fill(~V, float("-inf"))
+        zero = torch.zeros(M.shape[0], 1, dtype=M.dtype)
+        p = torch.softmax(torch.cat([zero, z], dim=1), dim=1)[:, 1:]
+        total = total + (p * d.masked_fill(~V, 0.0)).sum()
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_labels", [False, True])
+def test_unified_tensor_scale_gradient(dtype, use_labels):
+    g = torch.Generator().manual_seed(15)
+    n = 7
+    img = torch.randn(n, 5, generator=g, dtype=dtype)
+    txt = torch.randn(n, 5, generator=g, dtype=dtype)
+    labels = torch.tensor([0, 1, 0, 2, 3, 1, 4]) if use_labels else None
+    scale = torch.tensor(3.0, dtype=dtype, requires_grad=True)
+    loss = ref.unified_loss(img, txt, scale=scale, margin=0.2, labels=labels)
+    (got,) = torch.autograd.grad(loss, scale)
+    valid = ref.negative_mask(n, labels)
+    want = _unified_scale_grad_by_hand(img @ txt.T, 3.0, 0.2, valid)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(loss.detach(), ref.unified_loss(img, txt, scale=3.0, margin=0.2,
+                                                               labels=labels))
+
+
+def test_unified_label_positives_unique_labels_equal_default():
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    txt = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    labels = torch.arange(9)
+    for reduction in ("sum", "mean"):
+        a = ref.unified_loss(img, txt, labels=labels, label_positives=True, reduction=reduction)
+        b = ref.unified_loss(img, txt, reduction=reduction)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_unified_label_positives_hand_value():
+    # 3 pairs, pairs 0 and 1 share a label; g = 1, m = 0.
+    S = torch.tensor([[0.9, 0.5, 0.1], [0.4, 0.8, 0.2], [0.3, 0.6, 0.7]], dtype=torch.float64)
+    labels = torch.tensor([5, 5, 6])
+    got = ref.unified_loss_from_similarity(S, scale=1.0, margin=0.0, labels=labels,
+                                           label_positives=True)
+    l = lambda *zs: math.log(1 + sum(math.exp(z) for z in zs))
+    rows = ((l(0.1 - 0.9) + l(0.1 - 0.5)) / 2 + (l(0.2 - 0.4) + l(0.2 - 0.8)) / 2
+            + l(0.3 - 0.7, 0.6 - 0.7))
+    cols = ((l(0.3 - 0.9) + l(0.3 - 0.4)) / 2 + (l(0.6 - 0.5) + l(0.6 - 0.8)) / 2
+            + l(0.1 - 0.7, 0.2 - 0.7))
+    torch.testing.assert_close(got, torch.tensor(rows + cols, dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+def test_unified_label_positives_needs_labels():
+    with pytest.raises(ValueError, match="needs labels"):
+        ref.unified_loss(torch.randn(3, 2), torch.randn(3, 2), label_positives=True)
+
+
+@pytest.mark.parametrize("use_labels", [False, True])
+def test_unified_scale_gradient_from_similarity_gradient(use_labels):
+    # dL/dg = <dL/dS, S> / g + m sum_anchors (1 - e^-L_anchor): what an engine can form from
+    # its dA (<dL/dS, A B^T> = <dL/dS B, A>) and saved L without another GEMM.
+    g = torch.Generator().manual_seed(16)
+    n, scale, margin = 7, 3.0, 0.2
+    img = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    txt = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 3, 1, 4]) if use_labels else None
+    S = (img @ txt.T).requires_grad_()
+    gamma = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    loss = ref.unified_loss_from_similarity(S, scale=gamma, margin=margin, labels=labels)
+    dS, dgamma = torch.autograd.grad(loss, (S, gamma))
+    valid = ref.negative_mask(n, labels)
+    anchor_losses = []
+    for M, V in ((S.detach(), valid), (S.detach().T, valid.T)):
+        z = (scale * (M - M.diagonal()[:, None] + margin)).masked_fill(~V, float("-inf"))
+        anchor_losses.append(torch.logsumexp(torch.cat([torch.zeros(n, 1, dtype=M.dtype), z], 1), 1))
+    L = torch.cat(anchor_losses)
+    want = (dS * S.detach()).sum() / scale + margin * (-torch.expm1(-L)).sum()
+    torch.testing.assert_close(dgamma, want, rtol=1e-12, atol=0)
