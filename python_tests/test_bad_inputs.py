@@ -366,6 +366,12 @@ CASES: list[Case] = [
     C("gather_with_grad/rank/x-0-d", lambda g: distributed.gather_with_grad(torch.tensor(1.0), g), V,
       r"\bx must have at least one dimension"),
     C("gather_with_grad/dtype/x-int32", lambda g: distributed.gather_with_grad(ids().int(), g), T, r"\bx has dtype"),
+    C("gather_with_grad/layout/x-sparse-coo", lambda g: distributed.gather_with_grad(emb().to_sparse(), g), T,
+      r"\bx must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+    C("gather_with_grad/layout/x-sparse-csr", lambda g: distributed.gather_with_grad(emb().to_sparse_csr(), g), T,
+      r"\bx must be a dense \(strided\) tensor, got layout torch.sparse_csr"),
+    C("gather_with_grad/layout/x-nested", lambda g: distributed.gather_with_grad(
+        torch.nested.nested_tensor([emb(2), emb(3)], layout=torch.jagged), g), T, r"\bx must be a dense \(strided\) tensor, got a nested"),
     C("gather_with_grad/device/x-meta", lambda g: distributed.gather_with_grad(meta(4, 3), g), V, r"\bx is on meta"),
     C("gather_with_grad/group/str", lambda g: distributed.gather_with_grad(emb(), "WORLD"), T,
       "group must be a torch.distributed.ProcessGroup"),

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ._validation import check_group
+from ._validation import check_group, check_strided
 
 __all__ = ["gather_with_grad"]
 
@@ -64,6 +64,10 @@ def gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) ->
 
     Returns:
         ``[Σ n_rank, ...]`` tensor in ``x``'s dtype on ``x``'s device.
+
+    Raises:
+        TypeError: ``x`` is not a dense (strided) tensor (sparse COO/CSR, nested), on this
+            rank alone and before any collective.
     """
     shard = exchange_shapes("x", x, group)
     return _GatherWithGrad.apply(x, shard, group)
@@ -77,6 +81,12 @@ def exchange_shapes(name: str, x: torch.Tensor, group: dist.ProcessGroup | None,
     # Local checks first: each rank raises them alone, before any collective.
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    # The gather sends raw rows (all_gather of a flat buffer and split by the first dimension),
+    # so sparse COO/CSR and nested tensors are refused by name before any collective. A nested
+    # tensor may report layout torch.strided, hence the separate is_nested test.
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
+    check_strided(name, x)
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least one dimension (the rows to gather), got a 0-d tensor")
     if x.dtype not in _DTYPES:
