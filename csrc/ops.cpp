@@ -30,13 +30,14 @@ TORCH_LIBRARY(VSE_OPS_NAMESPACE, m) {
       "triplet_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, float margin, str mining, "
       "Tensor row_saved, Tensor col_saved, Tensor row_index, Tensor col_index, int anchor_begin, "
       "int anchor_end, int row_chunk, int col_chunk) -> (Tensor grad_img, Tensor grad_txt)");
-  // Unified loss (spec §4.2): saved [N, 2] per row / column anchor.
+  // Unified loss (spec §4.2): scale a 0-dim floating tensor (read as a double), saved [N, 3]
+  // per row / column anchor; with scale_grad the last output is ∂loss/∂scale (0-dim), else 0.
   m.def(
-      "unified_forward(Tensor img, Tensor txt, Tensor labels, float scale, float margin, "
+      "unified_forward(Tensor img, Tensor txt, Tensor labels, Tensor scale, float margin, bool scale_grad, "
       "int anchor_begin, int anchor_end, int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, "
-      "Tensor col_saved)");
+      "Tensor col_saved, Tensor d_scale)");
   m.def(
-      "unified_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, float scale, float margin, "
+      "unified_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, Tensor scale, float margin, "
       "Tensor row_saved, Tensor col_saved, int anchor_begin, int anchor_end, int row_chunk, "
       "int col_chunk) -> (Tensor grad_img, Tensor grad_txt)");
   // AOQ quintuplet loss (spec §3.3): the four offline inputs are [N, D] like img; saved [N, 7]

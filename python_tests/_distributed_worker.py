@@ -26,6 +26,8 @@ def cases() -> dict[str, tuple]:
         "triplet_all": (vse_cuda.triplet_loss, dict(mining="all", margin=0.3), 2),
         "triplet_topk": (vse_cuda.triplet_loss, dict(mining="topk", k=3), 2),
         "unified": (vse_cuda.unified_loss, dict(scale=10.0, margin=0.1), 2),
+        "unified_learnable_scale": (vse_cuda.unified_loss, dict(scale=torch.tensor(10.0, dtype=torch.float64),
+                                                                margin=0.1), 2),
         "quintuplet": (vse_cuda.quintuplet_loss, dict(margin_offline=0.1), 6),
         "quintuplet_detached": (vse_cuda.quintuplet_loss, dict(detach_weights=True), 6),
         "goal_nca_sig_ms": (vse_cuda.goal_loss, dict(triplet_weight="nca", pair_weight="sig_ms"), 2),
@@ -50,11 +52,12 @@ def global_batch(n: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
 
 
 def compute(fn, options: dict, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None, group):
-    """(loss, gradient of every input)."""
+    """(loss, gradient of every input, then of every tensor option such as a learnable scale)."""
     leaves = [x.clone().requires_grad_() for x in inputs]
-    loss = fn(*leaves, labels=labels, group=group, **options)
+    learnable = {k: v.clone().requires_grad_() for k, v in options.items() if isinstance(v, torch.Tensor)}
+    loss = fn(*leaves, labels=labels, group=group, **dict(options, **learnable))
     loss.backward()
-    return loss.detach(), *[x.grad for x in leaves]
+    return loss.detach(), *[x.grad for x in [*leaves, *learnable.values()]]
 
 
 def rank_results(rank: int, sizes: list[int]) -> dict:

@@ -20,9 +20,10 @@ data to send from `meta`.
 
 Requires grad: the index tensors (labels, cap_to_img, captions, i2t/t2i) must be int64, and
 PyTorch lets only floating tensors require grad, so a float index tensor that requires grad is
-refused by the dtype check. Hyper-parameters must be Python numbers: a learnable margin or
-scale (a tensor that requires grad) is refused rather than silently read as a constant, which
-would cut its gradient.
+refused by the dtype check. Hyper-parameters must be Python numbers: a learnable margin (a
+tensor that requires grad) is refused rather than silently read as a constant, which would cut
+its gradient. The unified loss's scale is the exception: a 0-dim floating tensor is its
+learnable temperature, with a gradient of its own (test_unified.py).
 
 Wrong group: not a ProcessGroup (str, int, list), and a group this process is not in
 (`new_group` hands non-members GroupMember.NON_GROUP_MEMBER); a single-process gloo group
@@ -239,8 +240,16 @@ CASES: list[Case] = [
     C("unified/finite/scale-zero", lambda g: uni(emb(), emb(), scale=0), V, "scale must be > 0"),
     C("unified/finite/scale-inf", lambda g: uni(emb(), emb(), scale=INF), V, "scale must be finite"),
     C("unified/finite/margin-str", lambda g: uni(emb(), emb(), margin="0.2"), T, "margin must be a real number"),
-    C("unified/requires-grad/scale-tensor", lambda g: uni(emb(), emb(), scale=torch.tensor(20.0, requires_grad=True)),
-      T, "scale must be a real number"),
+    C("unified/shape/scale-1d-tensor", lambda g: uni(emb(), emb(), scale=torch.tensor([20.0])), T,
+      "scale must be a real number or a 0-dim floating-point tensor"),
+    C("unified/dtype/scale-int-tensor", lambda g: uni(emb(), emb(), scale=torch.tensor(20)), T,
+      "scale must be a real number or a 0-dim floating-point tensor"),
+    C("unified/finite/scale-nan-tensor", lambda g: uni(emb(), emb(), scale=torch.tensor(NAN, requires_grad=True)), V,
+      "scale must be finite"),
+    C("unified/finite/scale-negative-tensor", lambda g: uni(emb(), emb(), scale=torch.tensor(-1.0)), V,
+      "scale must be > 0"),
+    C("unified/device/scale-meta", lambda g: uni(emb(), emb(), scale=torch.tensor(2.0, device="meta")), V,
+      "scale is on meta"),
     C("unified/dtype/txt-int", lambda g: uni(emb(), ids(12).view(4, 3)), T, r"\btxt must be float16"),
     C("unified/empty/D0", lambda g: uni(emb(4, 0), emb(4, 0)), V, r"\bimg must have D >= 1"),
     C("unified/labels/2-d", lambda g: uni(emb(), emb(), labels=ids()[None]), V, r"labels must have shape \(4,\)"),

@@ -26,6 +26,11 @@ SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
 ours, oracle = UNIFIED.ours, UNIFIED.reference
 
 
+def _scale(value: float) -> torch.Tensor:
+    """The ops' 0-dim scale argument, as unified_loss passes a number."""
+    return torch.tensor(value, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("scale,margin", [(20.0, 0.2), (1000.0, 0.1)])
 @pytest.mark.parametrize("label_kind", LABEL_KINDS)
 @pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, SIZES, SIMT_SIZES))
@@ -87,7 +92,7 @@ def test_column_tiles(backend, device, on_backend):
 
     def via_op(a, b):
         with on_backend():
-            return vse_cuda._lib.ops(a, b).unified_forward(a, b, labels, 20.0, 0.2, 0, 23, 5, 7)[0]
+            return vse_cuda._lib.ops(a, b).unified_forward(a, b, labels, _scale(20.0), 0.2, False, 0, 23, 5, 7)[0]
 
     loss, grads = loss_and_grads(via_op, img, txt)
     want_loss, want_grads = loss_and_grads(oracle(labels=labels), img, txt)
@@ -134,10 +139,12 @@ def test_gradcheck(backend, device, on_backend, labelled, normalize):
 @pytest.mark.parametrize("labelled", [False, True])
 def test_opcheck(backend, device, on_backend, labelled, anchors):
     (img, txt), labels, op = opcheck_setup(device, on_backend, labelled)
-    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, 20.0, 0.2, *anchors, 4, 6))
-    _, *saved = op.unified_forward(img.detach(), txt.detach(), labels, 20.0, 0.2, *anchors, 4, 6)
+    # A learnable scale on the inputs' device: the op's autograd gives it a gradient too.
+    scale = torch.tensor(20.0, dtype=img.dtype, device=device, requires_grad=True)
+    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, scale, 0.2, True, *anchors, 4, 6))
+    _, *saved, _ = op.unified_forward(img.detach(), txt.detach(), labels, scale.detach(), 0.2, True, *anchors, 4, 6)
     torch.library.opcheck(op.unified_backward.default, (torch.tensor(0.5, device=device), img.detach(), txt.detach(),
-                                                        labels, 20.0, 0.2, *saved, *anchors, 4, 6))
+                                                        labels, scale.detach(), 0.2, *saved, *anchors, 4, 6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -149,8 +156,9 @@ def test_simt_kernels_match_the_cpu_kernels(dtype):
     grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     results = []
     for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
-        forward = ops.unified_forward(img, txt, labels, 5.0, 0.2, 0, 75, 16, 24)
-        results.append(forward + ops.unified_backward(grad, img, txt, labels, 5.0, 0.2, *forward[1:], 0, 75, 16, 24))
+        forward = ops.unified_forward(img, txt, labels, _scale(5.0), 0.2, True, 0, 75, 16, 24)
+        backward = ops.unified_backward(grad, img, txt, labels, _scale(5.0), 0.2, *forward[1:3], 0, 75, 16, 24)
+        results.append(forward + backward)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     for got, want in zip(*reversed(results)):
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -219,3 +227,165 @@ def test_huge_float32_scores_give_finite_gradients(backend, device, on_backend):
     assert _relative_error(loss, want_loss) <= 1e-5
     for side in (0, 1):
         assert _relative_error(grads[side], want_grads[side]) <= 1e-5
+
+
+# ------------------------------------------------------- a learnable scale (spec §8.1)
+
+def ours_scaled(on_backend, **options):
+    """unified_loss(img, txt, scale=scale) on the test's backend, scale a tensor argument."""
+    def call(img, txt, scale):
+        with on_backend():
+            return vse_cuda.unified_loss(img, txt, scale=scale, **options)
+    return call
+
+
+def oracle_scaled(**options):
+    return lambda img, txt, scale: vse_cuda.reference.unified_loss(img, txt, scale=scale, **options)
+
+
+SCALE_SIZES = [(n, d) for n in (1, 2, 17, 64) for d in (1, 5)]
+SCALE_SIMT_SIZES = [(1, 1), (2, 5), (17, 5), (64, 1)]
+
+
+@pytest.mark.parametrize("scale,margin", [(0.5, 0.2), (20.0, 0.0), (1000.0, 0.1)])
+@pytest.mark.parametrize("label_kind", LABEL_KINDS)
+@pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, SCALE_SIZES, SCALE_SIMT_SIZES))
+def test_scale_gradient_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, scale, margin):
+    img, txt = (x.to(device) for x in random_inputs(n, d, seed=10 * n + d))
+    gamma = torch.tensor(scale, dtype=torch.float64, device=device)
+    labels = make_labels(label_kind, n, device=device)
+    for normalize, reduction, chunks in oracle_grid(n):
+        options = dict(margin=margin, labels=labels, normalize=normalize, reduction=reduction)
+        want_loss, want_grads = loss_and_grads(oracle_scaled(**options), img, txt, gamma)
+        for chunk in chunks:
+            loss, grads = loss_and_grads(ours_scaled(on_backend, chunk_size=chunk, **options), img, txt, gamma)
+            case = f"normalize={normalize} reduction={reduction} chunk={chunk}"
+            assert_close(loss, want_loss, torch.float64, f"loss, {case}")
+            for what, got, want in zip(("d img", "d txt", "d scale"), grads, want_grads):
+                assert_close(got, want, torch.float64, f"{what}, {case}", float(want_loss.abs()) / n)
+
+
+def test_number_and_tensor_scale_agree_bitwise(backend, device, on_backend):
+    img, txt = (x.to(device) for x in random_inputs(37, 8, torch.float32, seed=3))
+    labels = make_labels("pairs", 37, device=device)
+    by_number = loss_and_grads(ours(on_backend, scale=14.0, labels=labels, chunk_size=9), img, txt)
+    # loss_and_grads makes the scale a leaf that requires grad: the forward then computes ∂L/∂γ too.
+    scale = torch.tensor(14.0, device=device)
+    learning = loss_and_grads(ours_scaled(on_backend, labels=labels, chunk_size=9), img, txt, scale)
+    with on_backend():
+        fixed = vse_cuda.unified_loss(img, txt, scale=scale, labels=labels, chunk_size=9)
+    assert torch.equal(by_number[0], learning[0]) and torch.equal(by_number[0], fixed)
+    assert all(torch.equal(a, b) for a, b in zip(by_number[1], learning[1][:2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_scale_gradient_of_half_inputs(backend, device, on_backend, dtype):
+    # S is a float32 GEMM of the inputs as given, so ∂L/∂γ is as precise as float32 whatever
+    # the input dtype: compared with the float64 oracle on the same (rounded) inputs.
+    img, txt = (F.normalize(x, dim=1).to(device, dtype) for x in random_inputs(45, 16, seed=6))
+    labels = make_labels("random", 45, device=device)
+    gamma = torch.tensor(30.0, device=device)
+    options = dict(margin=0.1, labels=labels, reduction="mean")
+    _, (_, _, want) = loss_and_grads(oracle_scaled(**options), img.double(), txt.double(), gamma.double())
+    _, (_, _, got) = loss_and_grads(ours_scaled(on_backend, chunk_size=16, **options), img, txt, gamma)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs()))
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e6, 1e10])
+def test_scale_gradient_at_large_scales(backend, device, on_backend, scale):
+    # ∂L_i/∂γ is a softmax-weighted mean of the differences S_ij − S_ii + m times the
+    # negatives' weight: no γ multiplies a rounding error, in float64 or in float32.
+    n, d = 29, 16
+    img, txt = (F.normalize(x, dim=1).to(device) for x in random_inputs(n, d, seed=12))
+    options = dict(margin=0.1, labels=make_labels("random", n, seed=3, device=device))
+    gamma = torch.tensor(scale, dtype=torch.float64, device=device)
+    _, (*_, exact) = loss_and_grads(oracle_scaled(**options), img, txt, gamma)
+    _, (*_, ref32) = loss_and_grads(oracle_scaled(**options), img.float(), txt.float(), gamma.float())
+    for chunk in chunk_options(n):
+        _, (*_, got) = loss_and_grads(ours_scaled(on_backend, chunk_size=chunk, **options), img, txt, gamma)
+        torch.testing.assert_close(got, exact, rtol=1e-9, atol=0.0, msg=f"float64, chunk={chunk}")
+        _, (*_, got32) = loss_and_grads(ours_scaled(on_backend, chunk_size=chunk, **options), img.float(),
+                                        txt.float(), gamma.float())
+        assert torch.isfinite(got32)
+        assert _relative_error(got32, exact) <= 2 * _relative_error(ref32, exact) + 1e-6, f"chunk={chunk}"
+
+
+def test_gradcheck_with_the_scale(backend, device, on_backend):
+    img, txt = (x.to(device).requires_grad_() for x in random_inputs(7, 4, seed=3))
+    gamma = torch.tensor(3.0, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 3, 3, 4], device=device)
+    assert torch.autograd.gradcheck(ours_scaled(on_backend, labels=labels, chunk_size=3), (img, txt, gamma))
+
+
+def test_scale_alone_requires_grad(backend, device, on_backend):
+    # Frozen towers, a learnable temperature: only the scale gets a gradient, the same one.
+    img, txt = (x.to(device) for x in random_inputs(20, 6, seed=9))
+    gamma = torch.tensor(8.0, dtype=torch.float64, device=device)
+    _, (*_, want) = loss_and_grads(ours_scaled(on_backend, chunk_size=7), img, txt, gamma)
+    alone = gamma.clone().requires_grad_()
+    with on_backend():
+        vse_cuda.unified_loss(img, txt, scale=alone, chunk_size=7).backward()
+    assert torch.equal(alone.grad, want)
+
+
+def test_clip_log_scale_parametrization(backend, device, on_backend):
+    # CLIP learns t = log γ (logit_scale, initialised at log(1/0.07)): ∂L/∂t = γ ∂L/∂γ.
+    img, txt = (F.normalize(x, dim=1).to(device) for x in random_inputs(33, 8, seed=2))
+    log_scale = torch.tensor(1 / 0.07, dtype=torch.float64, device=device).log()
+    options = dict(margin=0.0, reduction="mean")
+
+    def ours_log(a, b, t):
+        return ours_scaled(on_backend, chunk_size=10, **options)(a, b, t.exp().clamp(max=100))
+
+    def oracle_log(a, b, t):
+        return oracle_scaled(**options)(a, b, t.exp().clamp(max=100))
+
+    loss, grads = loss_and_grads(ours_log, img, txt, log_scale)
+    want_loss, want_grads = loss_and_grads(oracle_log, img, txt, log_scale)
+    assert_close(loss, want_loss, torch.float64, "loss")
+    for what, got, want in zip(("d img", "d txt", "d log scale"), grads, want_grads):
+        assert_close(got, want, torch.float64, what)
+
+
+def test_module_with_a_learnable_scale(backend, device, on_backend):
+    img, txt = (x.to(device) for x in random_inputs(12, 4, seed=5))
+    module = vse_cuda.UnifiedLoss(scale=torch.nn.Parameter(torch.tensor(5.0, dtype=torch.float64, device=device)),
+                                  margin=0.1, chunk_size=5)
+    assert [p is module.scale for p in module.parameters()] == [True]
+    assert "scale=<Parameter>" in repr(module)
+    with on_backend():
+        module(img, txt).backward()
+    _, (*_, want) = loss_and_grads(ours_scaled(on_backend, margin=0.1, chunk_size=5), img, txt, module.scale.detach())
+    assert torch.equal(module.scale.grad, want)
+    # A scale given to forward replaces the module's for that call.
+    with on_backend():
+        replaced = module(img, txt, scale=2.0)
+        assert torch.equal(replaced, vse_cuda.unified_loss(img, txt, scale=2.0, margin=0.1, chunk_size=5))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_learnable_scale_under_torch_compile(backend, device, on_backend, dynamic):
+    img, txt = (x.to(device) for x in random_inputs(16, 4, torch.float32, seed=1))
+    gamma = torch.tensor(12.0, device=device)
+
+    def loss(a, b, s):
+        return vse_cuda.unified_loss(a, b, scale=s, normalize=True, reduction="mean", chunk_size=6)
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
+    with on_backend():
+        eager = loss_and_grads(loss, img, txt, gamma)
+        graph = loss_and_grads(compiled, img, txt, gamma)
+    torch.testing.assert_close(graph[0], eager[0])
+    for got, want in zip(graph[1], eager[1]):
+        torch.testing.assert_close(got, want)
+
+
+def test_op_without_scale_grad_refuses_a_scale_that_requires_grad():
+    # A direct op call that did not ask the forward for ∂L/∂γ cannot give the scale a gradient.
+    img, txt = random_inputs(5, 3, seed=0)
+    scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    loss = torch.ops.vse_cuda.unified_forward(img, txt, torch.empty(0, dtype=torch.int64), scale, 0.2, False,
+                                              0, 5, 4, 4)[0]
+    with pytest.raises(RuntimeError, match="scale_grad=False"):
+        loss.backward()

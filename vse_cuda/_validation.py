@@ -111,6 +111,25 @@ def check_finite(name: str, value: object, *, positive: bool = False, non_negati
     return value
 
 
+def check_scalar_tensor(name: str, value: object, *, device: torch.device | None = None,
+                        positive: bool = False) -> object:
+    """A real number (as :func:`check_finite`) or a 0-dim floating-point tensor on the CPU or
+    on ``device`` (any device when None), such as a learnable temperature: a tensor is returned
+    as it is, so autograd reaches it. Its value is checked here too, except while torch.compile
+    traces (reading a value would break the graph); the op then checks it."""
+    if not isinstance(value, torch.Tensor):
+        return check_finite(name, value, positive=positive)
+    if value.dim() != 0 or value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a real number or a 0-dim floating-point tensor, "
+                        f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+    check_strided(name, value)
+    if device is not None and value.device.type != "cpu" and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}")
+    if value.device.type != "meta" and not torch.compiler.is_compiling():
+        check_finite(name, float(value.detach()), positive=positive)
+    return value
+
+
 def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

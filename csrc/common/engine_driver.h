@@ -31,7 +31,7 @@
 //                       + Σ_{(j, w) in group i} w·other_j), terms in this order
 //
 // Tensors are contiguous on the backend's device: tiles [rows, cols] of S in T; states
-// [N, sizeof(State) / sizeof(T)] in T, read as State[N]; positives [N]; saved [N, kSavedWidth];
+// [N, sizeof(State) / sizeof(T)] in T, read as State[N]; positives [N]; saved [N, Policy::kSavedWidth];
 // lists [N, k] (values T, indices int64, −1 = empty); grad 0-dim in T; labels a device pointer
 // or nullptr. Each anchor's state or list sees its tiles in the order for_each_tile visits
 // them, and each backend reduces a tile in a fixed order (no float atomics), so every result
@@ -261,7 +261,7 @@ Positives dense_positives(const at::Tensor& a, const at::Tensor& b, const Anchor
 }
 
 // Forward of a dense loss: (loss summed over the anchors' row and column terms, row_saved
-// [N, 2], col_saved [N, 2]; the saved values of other pairs are 0). a and b are [N, D]
+// and col_saved [N, Policy::kSavedWidth]; the saved values of other pairs are 0). a and b are [N, D]
 // contiguous in their operand type (tiles.h), T their accumulate type. Every entry's add()
 // gets its anchor's positive S_ii, known before the sweep (dense_positives).
 template <class Engine, typename T, typename Policy>
@@ -285,7 +285,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a
       },
       plan.tiling);
   const auto terms = at::zeros({2, n}, options);
-  auto row_saved = at::zeros({n, kSavedWidth}, options), col_saved = at::zeros({n, kSavedWidth}, options);
+  auto row_saved = at::zeros({n, Policy::kSavedWidth}, options);
+  auto col_saved = at::zeros({n, Policy::kSavedWidth}, options);
   Passes::finish(policy, anchors.of(row_state), anchors.of(positive.row), anchors.of(terms[0]), anchors.of(row_saved));
   Passes::finish(policy, anchors.of(col_state), anchors.of(positive.col), anchors.of(terms[1]), anchors.of(col_saved));
   return {sum_terms(terms), row_saved, col_saved};

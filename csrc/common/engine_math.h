@@ -12,6 +12,7 @@
 //   add(state, S_ij, S_ii)             folds in one valid negative
 //   merge(state, other)                folds in the state of other negatives of the same
 //                                      anchor (a later column tile, another thread's share)
+//   kSavedWidth                        values finish() saves per anchor for the backward
 //   finish(state, S_ii, saved) -> T    the anchor's loss term; writes kSavedWidth values
 //   weight(S_ij, saved) -> T           ∂term/∂S_ij of a valid negative, from the saved values
 //   diagonal(saved) -> T               ∂term/∂S_ii
@@ -22,9 +23,6 @@
 #include "common/macros.h"
 
 namespace vse {
-
-// Values a dense policy saves per anchor for its backward.
-constexpr int64_t kSavedWidth = 2;
 
 namespace math {
 // float/double overloads that name the same functions on the host and in CUDA device code.
@@ -64,13 +62,16 @@ VSE_HOST_DEVICE T softplus(T y) {
   return y > T(0) ? y + math::log1p(math::exp(-y)) : math::log1p(math::exp(y));
 }
 
-// Running log Σ e^x with an online maximum. It starts empty (sum 0, max the lowest finite
-// value: no ±inf fill); a NaN term makes it NaN. `merge` combines two partial states (e.g.
-// one column's state over two row chunks), in the caller's fixed order.
+// Running log Σ e^x_k with an online maximum, and, for terms added with a second value d_k,
+// beside it the softmax-weighted sum of d: weighted / sum = Σ e^x_k d_k / Σ e^x_k (the unified
+// loss's d_k = x_k / γ gives ∂/∂γ this way, common/unified.h; add(x) leaves weighted at 0). It starts empty (sum 0, max the lowest finite
+// value: no ±inf fill); a NaN term makes it NaN. `merge` combines two partial states (e.g. one
+// column's state over two row chunks), in the caller's fixed order.
 template <typename T>
 struct LogSumExp {
   T max = std::numeric_limits<T>::lowest();
-  T sum = T(0);
+  T sum = T(0);       // Σ e^(x_k − max)
+  T weighted = T(0);  // Σ e^(x_k − max) d_k
 
   VSE_HOST_DEVICE void add(T x) {
     if (x > max) {
@@ -81,6 +82,19 @@ struct LogSumExp {
     }
   }
 
+  VSE_HOST_DEVICE void add(T x, T d) {
+    if (x > max) {
+      const T rescale = math::exp(max - x);
+      sum = sum * rescale + T(1);
+      weighted = weighted * rescale + d;
+      max = x;
+    } else {
+      const T e = math::exp(x - max);
+      sum += e;
+      weighted += e * d;
+    }
+  }
+
   VSE_HOST_DEVICE void merge(const LogSumExp& other) {
     if (other.sum == T(0)) return;
     if (sum == T(0)) {
@@ -88,7 +102,9 @@ struct LogSumExp {
       return;
     }
     const T m = other.max > max ? other.max : max;
-    sum = sum * math::exp(max - m) + other.sum * math::exp(other.max - m);
+    const T own = math::exp(max - m), theirs = math::exp(other.max - m);
+    sum = sum * own + other.sum * theirs;
+    weighted = weighted * own + other.weighted * theirs;
     max = m;
   }
 
@@ -96,6 +112,9 @@ struct LogSumExp {
   VSE_HOST_DEVICE T log1p_shifted(T shift) const {
     return sum == T(0) ? T(0) : softplus(max + shift + math::log(sum));
   }
+
+  // Σ e^x_k d_k / Σ e^x_k, the mean of d under the softmax of x (0 when empty).
+  VSE_HOST_DEVICE T weighted_mean() const { return sum == T(0) ? T(0) : weighted / sum; }
 };
 
 // The anchors whose terms a sweep of tiles serves: its rows' (i2t), its columns' (t2i) or
@@ -104,7 +123,7 @@ struct LogSumExp {
 enum Directions : int { kRowAnchors = 1, kColumnAnchors = 2, kBothAnchors = kRowAnchors | kColumnAnchors };
 
 // ∂L/∂S_ij of a dense loss (per unit of ∂/∂loss) from the saved values of row anchor i and
-// column anchor j = key (row_saved, col_saved: kSavedWidth values per anchor): the two anchors'
+// column anchor j = key (row_saved, col_saved: Policy::kSavedWidth values per anchor): the two anchors'
 // weights for a valid negative, their diagonal terms on the diagonal, 0 elsewhere; only the
 // anchors of `directions` count.
 template <typename Policy, typename T>
@@ -112,12 +131,12 @@ VSE_HOST_DEVICE T dense_entry_gradient(const Policy& policy, const int64_t* labe
                                        const T* row_saved, const T* col_saved, int directions) {
   const bool rows = directions & kRowAnchors, cols = directions & kColumnAnchors;
   if (is_negative(labels, i, key)) {
-    const T own = rows ? policy.weight(score, row_saved + kSavedWidth * i) : T(0);
-    return cols ? own + policy.weight(score, col_saved + kSavedWidth * key) : own;
+    const T own = rows ? policy.weight(score, row_saved + Policy::kSavedWidth * i) : T(0);
+    return cols ? own + policy.weight(score, col_saved + Policy::kSavedWidth * key) : own;
   }
   if (key != i) return T(0);
-  const T own = rows ? policy.diagonal(row_saved + kSavedWidth * i) : T(0);
-  return cols ? own + policy.diagonal(col_saved + kSavedWidth * i) : own;
+  const T own = rows ? policy.diagonal(row_saved + Policy::kSavedWidth * i) : T(0);
+  return cols ? own + policy.diagonal(col_saved + Policy::kSavedWidth * i) : own;
 }
 
 // Mined hinge term of one anchor (triplet "hardest"/"topk", common/triplet.h) from its list of

@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(const at::Tensor& grad, cons
   const int64_t n = img.size(0);
   const Anchors anchors = checked_anchors("triplet_backward", anchor_begin, anchor_end, n);
   const auto acc = accumulate_type(img.scalar_type());
-  const int64_t width = mining == "all" ? kSavedWidth : row_index.size(1);
+  const int64_t width = mining == "all" ? HingeSumPolicy<double>::kSavedWidth : row_index.size(1);
   check_saved("triplet_backward", "row_saved", row_saved, n, width, acc);
   check_saved("triplet_backward", "col_saved", col_saved, n, width, acc);
   const at::Tensor* others[4] = {&row_saved, &col_saved, &row_index, &col_index};

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "common/engine_driver.h"
@@ -13,15 +14,25 @@
 
 namespace vse {
 
-// Outputs: (loss summed over both directions in the accumulate type, row_saved [N, 2],
-// col_saved [N, 2]) with the saved values of UnifiedPolicy.
+// γ from the 0-dim `scale` tensor (a learnable temperature may live on the GPU: reading it
+// here, inside the op, keeps torch.compile's graph whole; on CUDA it waits for the value).
+inline double checked_scale(const char* op, const at::Tensor& scale) {
+  TORCH_CHECK(scale.dim() == 0 && at::isFloatingType(scale.scalar_type()), op,
+              ": scale must be a 0-dim floating-point tensor");
+  const double value = scale.item<double>();
+  TORCH_CHECK(std::isfinite(value) && value > 0, op, ": scale must be finite and > 0, got ", value);
+  return value;
+}
+
+// Outputs: (loss summed over both directions in the accumulate type, row_saved [N, 3],
+// col_saved [N, 3] with the saved values of UnifiedPolicy, ∂loss/∂scale in the accumulate type,
+// computed only with scale_grad: 0 otherwise).
 template <class Engine>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unified_forward(const at::Tensor& img, const at::Tensor& txt,
-                                                               const at::Tensor& labels, double scale,
-                                                               double margin, int64_t anchor_begin,
-                                                               int64_t anchor_end, int64_t row_chunk,
-                                                               int64_t col_chunk) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_forward(
+    const at::Tensor& img, const at::Tensor& txt, const at::Tensor& labels, const at::Tensor& scale, double margin,
+    bool scale_grad, int64_t anchor_begin, int64_t anchor_end, int64_t row_chunk, int64_t col_chunk) {
   check_pair_args("unified_forward", img, txt, labels, row_chunk, col_chunk);
+  const double gamma = checked_scale("unified_forward", scale);
   const typename Engine::Guard guard(img);
   const Anchors anchors = checked_anchors("unified_forward", anchor_begin, anchor_end, img.size(0));
   const auto acc = accumulate_type(img.scalar_type());
@@ -29,25 +40,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unified_forward(const at::Tensor&
   const auto lab = labels.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(acc, "unified_forward", [&] {
-    const UnifiedPolicy<scalar_t> policy{static_cast<scalar_t>(scale), static_cast<scalar_t>(margin)};
-    out = dense_forward<Engine, scalar_t>(a, b, labels_data(lab), policy, anchors, row_chunk, col_chunk);
+    const auto run = [&](auto policy) {
+      out = dense_forward<Engine, scalar_t>(a, b, labels_data(lab), policy, anchors, row_chunk, col_chunk);
+    };
+    const auto g = static_cast<scalar_t>(gamma), m = static_cast<scalar_t>(margin);
+    if (scale_grad) {
+      run(UnifiedPolicy<scalar_t, true>{g, m});
+    } else {
+      run(UnifiedPolicy<scalar_t>{g, m});
+    }
   });
-  return out;
+  auto& [loss, row_saved, col_saved] = out;
+  const auto d_scale = sum_terms(at::stack({row_saved.select(1, 2), col_saved.select(1, 2)}));
+  return {loss, row_saved, col_saved, d_scale};
 }
 
 template <class Engine>
 std::tuple<at::Tensor, at::Tensor> unified_backward(const at::Tensor& grad, const at::Tensor& img,
-                                                    const at::Tensor& txt, const at::Tensor& labels, double scale,
-                                                    double margin, const at::Tensor& row_saved,
-                                                    const at::Tensor& col_saved, int64_t anchor_begin,
-                                                    int64_t anchor_end, int64_t row_chunk, int64_t col_chunk) {
+                                                    const at::Tensor& txt, const at::Tensor& labels,
+                                                    const at::Tensor& scale, double margin,
+                                                    const at::Tensor& row_saved, const at::Tensor& col_saved,
+                                                    int64_t anchor_begin, int64_t anchor_end, int64_t row_chunk,
+                                                    int64_t col_chunk) {
   check_pair_args("unified_backward", img, txt, labels, row_chunk, col_chunk);
+  const double gamma = checked_scale("unified_backward", scale);
   const typename Engine::Guard guard(img);
   const int64_t n = img.size(0);
   const Anchors anchors = checked_anchors("unified_backward", anchor_begin, anchor_end, n);
   const auto acc = accumulate_type(img.scalar_type());
-  check_saved("unified_backward", "row_saved", row_saved, n, kSavedWidth, acc);
-  check_saved("unified_backward", "col_saved", col_saved, n, kSavedWidth, acc);
+  constexpr int64_t width = UnifiedPolicy<double>::kSavedWidth;
+  check_saved("unified_backward", "row_saved", row_saved, n, width, acc);
+  check_saved("unified_backward", "col_saved", col_saved, n, width, acc);
   check_device("unified_backward", "row_saved", row_saved, img);
   check_device("unified_backward", "col_saved", col_saved, img);
   const auto a = as_operand(img), b = as_operand(txt);
@@ -56,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> unified_backward(const at::Tensor& grad, cons
   const auto g = grad.to(accumulate_options(img));
   std::tuple<at::Tensor, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(acc, "unified_backward", [&] {
-    const UnifiedPolicy<scalar_t> policy{static_cast<scalar_t>(scale), static_cast<scalar_t>(margin)};
+    const UnifiedPolicy<scalar_t> policy{static_cast<scalar_t>(gamma), static_cast<scalar_t>(margin)};
     grads = dense_backward<Engine, scalar_t>(g, a, b, labels_data(lab), policy, anchors, row_chunk, col_chunk, rs,
                                              cs);
   });

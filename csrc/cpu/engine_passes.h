@@ -118,7 +118,7 @@ struct Engine {
       const T* positives = positive.data_ptr<T>();
       T* term = terms.data_ptr<T>();
       T* out = saved.data_ptr<T>();
-      for (int64_t i = 0; i < state.size(0); ++i) term[i] = policy.finish(states[i], positives[i], out + kSavedWidth * i);
+      for (int64_t i = 0; i < state.size(0); ++i) term[i] = policy.finish(states[i], positives[i], out + Policy::kSavedWidth * i);
     }
 
     static void gradient(const Policy& policy, const at::Tensor& grad, const at::Tensor& tile, int64_t r0, int64_t c0,

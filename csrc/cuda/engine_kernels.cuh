@@ -87,7 +87,7 @@ __global__ void dense_finish_kernel(Policy policy, const typename Policy::State*
                                     const T* __restrict__ positive, int64_t n, T* __restrict__ terms,
                                     T* __restrict__ saved) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) terms[i] = policy.finish(state[i], positive[i], saved + kSavedWidth * i);
+  if (i < n) terms[i] = policy.finish(state[i], positive[i], saved + Policy::kSavedWidth * i);
 }
 
 // The tile S_c turned into G_c = grad·∂L/∂S_c (of the anchors of `directions`) in place: a thread per column of the block's

@@ -8,6 +8,8 @@ namespace vse::cuda {
 
 template struct Engine::Dense<float, UnifiedPolicy<float>>;
 template struct Engine::Dense<double, UnifiedPolicy<double>>;
+template struct Engine::Dense<float, UnifiedPolicy<float, true>>;
+template struct Engine::Dense<double, UnifiedPolicy<double, true>>;
 
 VSE_REGISTER_KERNELS(VSE_KERNEL_DISPATCH_KEY, m) {
   m.impl("unified_forward", &unified_forward<Engine>);

@@ -130,8 +130,9 @@ def register_loss(op: str, *, forward_fake: Callable, backward_fake: Callable, s
     """Registers ``{op}_forward`` and ``{op}_backward`` (the loss ``{op}_loss``) in every namespace.
 
     ``backward(ops, ctx, grad)`` gets the namespace the forward ran in and returns the
-    gradients of the leading inputs (the embeddings); the remaining inputs (labels, options,
-    anchors, chunks) get None, as many as the op has. Only the loss output is differentiable:
+    gradients of the leading inputs (the embeddings, and a tensor option such as the unified
+    loss's scale after the labels); the remaining inputs (labels, options, anchors, chunks)
+    get None, as many as the op has. Only the loss output is differentiable:
     ``setup_context`` marks the saved state and index lists non-differentiable.
     """
     def setup(ctx, inputs, output):

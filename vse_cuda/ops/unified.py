@@ -11,16 +11,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validation import check_finite, check_labels
+from .._validation import check_finite, check_labels, check_scalar_tensor
 from . import _engine
 
 __all__ = ["UnifiedLoss", "unified_loss"]
 
 
-def _check_options(scale, margin, normalize, reduction, group, chunk_size):
-    """unified_loss's keywords, checked (the function per call, UnifiedLoss at construction):
-    (scale, margin, normalize, reduction, group, chunk_size)."""
-    scale = check_finite("scale", scale, positive=True)
+Scale = float | torch.Tensor
+
+
+def _check_options(scale, margin, normalize, reduction, group, chunk_size, device=None):
+    """unified_loss's keywords, checked (the function per call, UnifiedLoss at construction,
+    where the inputs' device is not known yet): (scale, margin, normalize, reduction, group,
+    chunk_size); a tensor scale stays a tensor."""
+    scale = check_scalar_tensor("scale", scale, device=device, positive=True)
     margin = check_finite("margin", margin)
     normalize, reduction, group, chunk_size = _engine.check_engine_options(normalize, reduction, group, chunk_size)
     return scale, margin, normalize, reduction, group, chunk_size
@@ -30,7 +34,7 @@ def unified_loss(
     img: torch.Tensor,
     txt: torch.Tensor,
     *,
-    scale: float = 20.0,
+    scale: Scale = 20.0,
     margin: float = 0.2,
     labels: torch.Tensor | None = None,
     normalize: bool = False,
@@ -48,10 +52,20 @@ def unified_loss(
     tends to the hardest-negative triplet loss as γ → ∞. An anchor without a valid negative
     contributes 0.
 
+    A learnable temperature: pass ``scale`` as a 0-dim tensor that requires grad. Its gradient
+    (spec §8.1) comes from the forward's own sweep, no extra GEMM:
+    ``∂L/∂γ = Σ_i Σ_j p_ij (S_ij − S_ii + m) + (the same over columns)``, p_ij the softmax weight
+    of negative j in anchor i's log-sum-exp (the constant term included). CLIP's ``logit_scale``
+    is a log: pass ``scale=logit_scale.exp()`` (clamped at 100 as CLIP does) and autograd
+    applies the chain rule. Under ``group=`` each rank's loss, and so its scale gradient,
+    covers its own anchors: summed over ranks (what DDP's averaging of a replicated parameter
+    divides by the world size) it is the gradient of the whole batch's loss.
+
     Args:
         img, txt: [N, D] float16/bfloat16/float32/float64 embeddings, same dtype and device
             (half types are computed in float32; loss and gradients in the input dtype).
-        scale: γ > 0.
+        scale: γ > 0, a number or a 0-dim floating tensor on the CPU or the inputs' device
+            (read once per forward and backward: on CUDA that waits for its value).
         margin: m, a finite number.
         labels: optional int64 [N] image ids; same-label pairs are never negatives.
         normalize: L2-normalize img and txt first (``F.normalize``).
@@ -62,42 +76,54 @@ def unified_loss(
         chunk_size: rows of S per chunk (default: from the memory budget).
 
     Returns:
-        0-dim tensor in ``img.dtype``, differentiable with respect to img and txt.
+        0-dim tensor in ``img.dtype``, differentiable with respect to img, txt and a tensor scale.
     """
     n = _engine.check_pair(img, txt, group=group)
     scale, margin, normalize, reduction, group, chunk_size = _check_options(
-        scale, margin, normalize, reduction, group, chunk_size)
+        scale, margin, normalize, reduction, group, chunk_size, img.device)
     labels = check_labels("labels", labels, n, img.device)
     batch = _engine.gather((img, txt), labels, group, normalize, chunk_size)
-    total = batch.ops.unified_forward(*batch.embeddings, batch.labels, scale, margin, *batch.tiles)[0]
+    # ∂L/∂γ costs the forward about a tenth more: computed only for a scale that will get it.
+    learns_scale = isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled()
+    total = batch.ops.unified_forward(*batch.embeddings, batch.labels, _as_tensor(scale), margin, learns_scale,
+                                      *batch.tiles)[0]
     return batch.reduce(total, reduction)
+
+
+def _as_tensor(scale: Scale) -> torch.Tensor:
+    """The op's 0-dim scale: a tensor as given, a number as a CPU float64 tensor (exact)."""
+    return scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float64)
 
 
 class UnifiedLoss(nn.Module):
     """:func:`unified_loss` as a module: the keywords are fixed at construction (and checked
-    there), ``forward(img, txt, labels=None)`` takes the batch."""
+    there), ``forward(img, txt, labels=None, scale=None)`` takes the batch. A ``scale`` given
+    as an ``nn.Parameter`` is the module's parameter (learnable with it); one given to
+    ``forward`` replaces the module's for that call (e.g. ``logit_scale.exp()`` of a model)."""
 
-    def __init__(self, *, scale: float = 20.0, margin: float = 0.2, normalize: bool = False,
+    def __init__(self, *, scale: Scale = 20.0, margin: float = 0.2, normalize: bool = False,
                  reduction: str = "sum", group=None, chunk_size: int | None = None):
         super().__init__()
         self.scale, self.margin, self.normalize, self.reduction, self.group, self.chunk_size = _check_options(
             scale, margin, normalize, reduction, group, chunk_size)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return unified_loss(img, txt, scale=self.scale, margin=self.margin, labels=labels,
-                            normalize=self.normalize, reduction=self.reduction, group=self.group,
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor | None = None,
+                scale: Scale | None = None) -> torch.Tensor:
+        return unified_loss(img, txt, scale=self.scale if scale is None else scale, margin=self.margin,
+                            labels=labels, normalize=self.normalize, reduction=self.reduction, group=self.group,
                             chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
-        return (f"scale={self.scale}, margin={self.margin}, normalize={self.normalize}, "
-                f"reduction={self.reduction!r}")
+        scale = self.scale if not isinstance(self.scale, torch.Tensor) else f"<{type(self.scale).__name__}>"
+        return f"scale={scale}, margin={self.margin}, normalize={self.normalize}, reduction={self.reduction!r}"
 
 
 # ------------------------------------------------------------------ fake kernels and autograd
 
-def _forward_fake(img, txt, labels, scale, margin, anchor_begin, anchor_end, row_chunk, col_chunk):
+def _forward_fake(img, txt, labels, scale, margin, scale_grad, anchor_begin, anchor_end, row_chunk, col_chunk):
     n, acc = img.size(0), _engine.acc_dtype(img.dtype)
-    return img.new_empty((), dtype=acc), img.new_empty(n, 2, dtype=acc), img.new_empty(n, 2, dtype=acc)
+    saved = (img.new_empty(n, 3, dtype=acc), img.new_empty(n, 3, dtype=acc))
+    return img.new_empty((), dtype=acc), *saved, img.new_empty((), dtype=acc)
 
 
 def _backward_fake(grad, img, txt, labels, scale, margin, row_saved, col_saved, anchor_begin, anchor_end, row_chunk,
@@ -106,17 +132,26 @@ def _backward_fake(grad, img, txt, labels, scale, margin, row_saved, col_saved, 
 
 
 def _setup_context(ctx, inputs, output):
-    img, txt, labels, scale, margin, *anchors_and_chunks = inputs
-    _, row_saved, col_saved = output
-    ctx.mark_non_differentiable(row_saved, col_saved)
-    ctx.save_for_backward(img, txt, labels, row_saved, col_saved)
-    ctx.args = (scale, margin, *anchors_and_chunks)
+    img, txt, labels, scale, margin, scale_grad, *anchors_and_chunks = inputs
+    _, row_saved, col_saved, d_scale = output
+    ctx.mark_non_differentiable(row_saved, col_saved, d_scale)
+    ctx.save_for_backward(img, txt, labels, scale, row_saved, col_saved, d_scale)
+    ctx.args = (margin, scale_grad, *anchors_and_chunks)
 
 
 def _backward(ops, ctx, grad):
-    img, txt, labels, row_saved, col_saved = ctx.saved_tensors
-    scale, margin, *anchors_and_chunks = ctx.args
-    return ops.unified_backward(grad, img, txt, labels, scale, margin, row_saved, col_saved, *anchors_and_chunks)
+    """(d img, d txt, None for labels, d scale): the GEMMs run only for the embeddings that
+    need them, the scale's gradient is the forward's ∂L/∂scale times ``grad``."""
+    img, txt, labels, scale, row_saved, col_saved, d_scale = ctx.saved_tensors
+    margin, scale_grad, *anchors_and_chunks = ctx.args
+    needs_img, needs_txt, _, needs_scale = ctx.needs_input_grad[:4]
+    if needs_scale and not scale_grad:
+        raise RuntimeError("unified_forward ran with scale_grad=False, so it has no gradient for the scale that "
+                           "requires grad: pass scale_grad=True")
+    grads = (None, None)
+    if needs_img or needs_txt:
+        grads = ops.unified_backward(grad, img, txt, labels, scale, margin, row_saved, col_saved, *anchors_and_chunks)
+    return (*grads, None, (grad * d_scale).to(scale.device, scale.dtype) if needs_scale else None)
 
 
 _engine.register_loss("unified", forward_fake=_forward_fake, backward_fake=_backward_fake,
