@@ -25,6 +25,7 @@ LOSS_OPTIONS = {
     "vse0": ["--loss", "triplet", "--mining", "all", "--warmup-epochs", "0"],
     "triplet top-3": ["--loss", "triplet", "--mining", "topk", "--topk", "3", "--warmup-epochs", "0"],
     "unified": ["--loss", "unified", "--warmup-epochs", "0"],
+    "infonce (learned scale)": ["--loss", "infonce", "--warmup-epochs", "0"],
     "goal": ["--loss", "goal", "--triplet-weight", "nca", "--pair-weight", "lin", "--warmup-epochs", "0"],
 }
 #: Deterministic columns of the log (the others are timings).
@@ -58,6 +59,17 @@ def test_each_loss_learns(tmp_path, name):
     assert "| protocol |" in (tmp_path / train.RESULTS).read_text()
     for name in (train.CHECKPOINT, train.BEST, train.LOG, train.PLOT, train.RESULTS):
         assert str(tmp_path / name) in out
+
+
+def test_infonce_learns_its_temperature(tmp_path):
+    # CLIP's recipe: γ = exp(logit_scale), a model parameter from log(1/0.07), kept in [1, 100].
+    table, out = train_run(tmp_path, "--loss", "infonce", "--warmup-epochs", "1", epochs=3)
+    learned = float(_checkpoint.load_checkpoint(tmp_path / train.CHECKPOINT)["model"]["logit_scale"])
+    start = float(torch.tensor(1 / 0.07).log())
+    assert 0.0 <= learned <= np.log(100) and abs(learned - start) > 1e-3, learned
+    assert out.count("learned scale") == 3
+    # A model built from the run's config holds the parameter, so the checkpoint evaluates.
+    assert evaluate.main([str(tmp_path / train.BEST)]) == table
 
 
 def test_warmup_epochs_use_vse0(tmp_path):

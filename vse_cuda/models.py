@@ -5,6 +5,8 @@ the losses expect (spec §1)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,18 +73,32 @@ class GRUTextEncoder(nn.Module):
         return _l2norm(pooled)
 
 
-class DualEncoder(nn.Module):
-    """An image encoder and a text encoder sharing one embedding space."""
+#: CLIP's bound on its learnable temperature γ = exp(logit_scale) [open_clip train.py].
+MAX_LOGIT_SCALE = math.log(100)
 
-    def __init__(self, image: nn.Module, text: nn.Module):
+
+class DualEncoder(nn.Module):
+    """An image encoder and a text encoder sharing one embedding space and, for the CLIP-style
+    losses, a learnable temperature ``logit_scale`` (a log: γ = exp(logit_scale)), else None."""
+
+    def __init__(self, image: nn.Module, text: nn.Module, logit_scale: float | None = None):
         super().__init__()
         self.image = image
         self.text = text
+        self.logit_scale = None if logit_scale is None else nn.Parameter(torch.tensor(float(logit_scale)))
+
+    def clamp_logit_scale(self) -> None:
+        """Keep γ in [1, 100] after an optimizer step, as CLIP does (open_clip clamps the
+        parameter in place; clamping exp() instead would zero its gradient above 100)."""
+        if self.logit_scale is not None:
+            with torch.no_grad():
+                self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
 
 def build_model(*, image_dim: int, caption_dim: int | None, vocab_size: int | None, embed_dim: int,
-                head_hidden: int, word_dim: int) -> DualEncoder:
-    """Projection heads for features; a BiGRU text side when ``caption_dim`` is None (raw captions)."""
+                head_hidden: int, word_dim: int, logit_scale: float | None = None) -> DualEncoder:
+    """Projection heads for features; a BiGRU text side when ``caption_dim`` is None (raw
+    captions); a learnable ``logit_scale`` parameter when one is given (its initial value)."""
     image = ImageEncoder(image_dim, embed_dim, head_hidden)
     if caption_dim is not None:
         text: nn.Module = FeatureTextEncoder(caption_dim, embed_dim, head_hidden)
@@ -90,7 +106,7 @@ def build_model(*, image_dim: int, caption_dim: int | None, vocab_size: int | No
         text = GRUTextEncoder(vocab_size, embed_dim, word_dim)
     else:
         raise ValueError("build_model needs caption_dim (caption features) or vocab_size (raw captions)")
-    return DualEncoder(image, text)
+    return DualEncoder(image, text, logit_scale)
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:

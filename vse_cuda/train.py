@@ -1,7 +1,7 @@
 """Training harness: ``python -m vse_cuda.train [options]`` (DESIGN §7).
 
 Trains a dual encoder on the embedded synthetic dataset (default) or a VSE/SCAN
-precomputed-feature directory (``--data DIR``) with any of the four fused losses, evaluates
+precomputed-feature directory (``--data DIR``) with any of the fused losses, evaluates
 Recall@K on the dev split every epoch and on the test split at the end, and writes into
 ``--run-dir``: ``checkpoint.pt`` (latest, atomic, for ``--resume``), ``model_best.pt`` (best dev
 rsum), ``log.csv``, ``curves.png`` and ``results.md``.
@@ -11,6 +11,10 @@ even mid-write) is continued by ``--resume`` and ends bitwise where an uninterru
 (timing and memory columns of the log aside); killed before its first checkpoint, it is started
 again without ``--resume``. A damaged, foreign or other-configuration checkpoint is refused
 with a one-line message and nothing in the run dir is touched.
+
+``--loss infonce`` is CLIP's objective: the unified loss at margin 0 (symmetric InfoNCE) with a
+learnable temperature γ = exp(logit_scale), a model parameter initialised at log(1/0.07),
+optimized with the encoders and clamped to γ ≤ 100 after every step, as open_clip does.
 
 AOQ (``--loss quintuplet``) runs the official two rounds: VSE++ training, offline candidate
 mining with the round-one model (:mod:`vse_cuda.mining`), then AOQ training of a fresh model.
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", type=float, default=d.margin, help="triplet/unified margin; AOQ online margin m1")
     g.add_argument("--mining", choices=losses.MINING_MODES, default=d.mining, help="triplet: all=VSE0, hardest=VSE++")
     g.add_argument("--topk", type=int, default=d.topk, help="triplet --mining topk: negatives per anchor")
-    g.add_argument("--scale", type=float, default=d.scale, help="unified: gamma")
+    g.add_argument("--scale", type=float, default=d.scale, help="unified: gamma (infonce learns its own, from 1/0.07)")
     g.add_argument("--triplet-weight", choices=losses.TRIPLET_WEIGHTS, default=d.triplet_weight, help="GOAL")
     g.add_argument("--pair-weight", choices=losses.PAIR_WEIGHTS, default=d.pair_weight, help="GOAL")
     g.add_argument("--tau", type=float, default=d.tau, help="GOAL: tau")

@@ -190,8 +190,10 @@ class Trainer:
         row = self._on_main(lambda: {**train, **self._dev_recall()})
         state.history.append(row)
         self._save(state, row["dev_rsum"])
-        self._say(f"round {state.round} epoch {state.epoch}/{c.epochs} [{loss_name}] loss {row['train_loss']:.4f} "
-                  f"dev rsum {row['dev_rsum']:.1f} ({seconds:.1f} s, {row['ms_per_step']:.1f} ms/step)")
+        learned = "" if self.model.logit_scale is None else f", learned scale {self.model.logit_scale.exp().item():.2f}"
+        self._say(f"round {state.round} epoch {state.epoch}/{c.epochs} [{loss_name}{learned}] loss "
+                  f"{row['train_loss']:.4f} dev rsum {row['dev_rsum']:.1f} ({seconds:.1f} s, "
+                  f"{row['ms_per_step']:.1f} ms/step)")
 
     def _dev_recall(self) -> dict[str, float]:
         dev = recall_at_k(*embed_split(self.model, self.dataset.dev, autocast=self.config.precision == "bf16"))
@@ -227,6 +229,7 @@ class Trainer:
         if c.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.optimizer.step()
+        self.model.clamp_logit_scale()
         return total.item()
 
     def _shard_loss(self, loss_fn: nn.Module, image_ids: list[torch.Tensor],
@@ -248,6 +251,8 @@ class Trainer:
         img, txt = img.split(len(image_ids[0])), txt.split(len(caption_ids[0]))
         labels = (caption_ids[0] // CAPTIONS_PER_IMAGE).to(self.device) if c.mask_same_image else None
         if len(img) == 1:
+            if isinstance(loss_fn, losses.UnifiedLoss) and self.model.logit_scale is not None:
+                return loss_fn(img[0], txt[0], labels=labels, scale=self.model.logit_scale.exp())
             return loss_fn(img[0], txt[0], labels=labels)
         return loss_fn(img[0], txt[0], img[1], txt[1], img[2], txt[2], labels=labels)
 
