@@ -30,7 +30,8 @@ Conventions (DESIGN.md §5, §6; spec/losses.md §1)
 
 One module per op, named as everywhere else: :mod:`.similarity`, :mod:`.topk`,
 :mod:`.triplet`, :mod:`.unified`, :mod:`.quintuplet`, :mod:`.goal`; the masks and negative
-mining they share in :mod:`.negatives`. Every name is re-exported here.
+mining they share in :mod:`.negatives`; open_clip's ClipLoss, which vse_cuda.contrib.open_clip
+replaces, in :mod:`.clip`. Every name is re-exported here.
 
 Building blocks exported for other tests: :func:`negative_mask`, :func:`hardest_negative`,
 :func:`rank_candidates`, :func:`topk_negatives`, :func:`triplet_loss_from_similarity`,
@@ -39,6 +40,7 @@ Building blocks exported for other tests: :func:`negative_mask`, :func:`hardest_
 """
 
 from ._common import REDUCTIONS, compute_dtype
+from .clip import clip_loss
 from .goal import (GOAL_MS_NEG_OFFSET, GOAL_MS_POS_OFFSET, PAIR_WEIGHTS, TRIPLET_WEIGHTS, goal_loss,
                    goal_loss_from_similarity, goal_value_and_grad, goal_weights)
 from .negatives import hardest_negative, negative_mask, rank_candidates, topk_negatives
@@ -64,6 +66,7 @@ __all__ = [
     "triplet_loss",
     "unified_loss_from_similarity",
     "unified_loss",
+    "clip_loss",
     "quintuplet_loss_from_scores",
     "quintuplet_loss",
     "goal_weights",
