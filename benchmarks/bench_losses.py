@@ -75,6 +75,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                        "inputs": 2, "dense": False, "peer": None},
     "unified": {"fn": "unified_loss", "kwargs": {"scale": 20.0, "margin": 0.0},
                 "inputs": 2, "dense": True, "peer": "pml_ntxent"},
+    "siglip": {"fn": "siglip_loss", "kwargs": {"scale": 10.0, "bias": -10.0}, "inputs": 2, "dense": True,
+               "peer": None},
     "quintuplet": {"fn": "quintuplet_loss", "kwargs": {}, "inputs": 6, "dense": False, "peer": None},
     "goal_nca_sigms": {"fn": "goal_loss", "kwargs": {"triplet_weight": "nca", "pair_weight": "sig_ms"},
                        "inputs": 2, "dense": False, "peer": None},
@@ -82,7 +84,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "inputs": 2, "dense": False, "peer": None},
 }
 #: Variants also measured in bfloat16 (DESIGN §8 grid); the others run in float32 only.
-BF16_VARIANTS = ("triplet_hardest", "unified")
+BF16_VARIANTS = ("triplet_hardest", "unified", "siglip")
 PEERS = ("pml_triplet_bh", "pml_ntxent")
 METHODS = ("gemm_floor", "vse_cuda", "oracle", "peer")
 PEER_NOTES = {

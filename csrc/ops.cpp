@@ -40,6 +40,16 @@ TORCH_LIBRARY(VSE_OPS_NAMESPACE, m) {
       "unified_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, Tensor scale, float margin, "
       "Tensor row_saved, Tensor col_saved, int anchor_begin, int anchor_end, int row_chunk, "
       "int col_chunk) -> (Tensor grad_img, Tensor grad_txt)");
+  // SigLIP loss (spec §8.2): scale and bias 0-dim floating tensors (read as doubles), saved
+  // [N, 3] per row / column anchor; d_scale, d_bias = ∂loss/∂scale, ∂loss/∂bias (0-dim).
+  m.def(
+      "siglip_forward(Tensor img, Tensor txt, Tensor labels, Tensor scale, Tensor bias, int anchor_begin, "
+      "int anchor_end, int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, Tensor col_saved, "
+      "Tensor d_scale, Tensor d_bias)");
+  m.def(
+      "siglip_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, Tensor scale, Tensor bias, "
+      "Tensor row_saved, Tensor col_saved, int anchor_begin, int anchor_end, int row_chunk, "
+      "int col_chunk) -> (Tensor grad_img, Tensor grad_txt)");
   // AOQ quintuplet loss (spec §3.3): the four offline inputs are [N, D] like img; saved [N, 7]
   // = ∂loss/∂(p, u, w, x, y, q, z) per anchor, row_index / col_index [N, 1] the hardest valid
   // negative of each row / column (-1: none). The backward is sparse (no GEMM).

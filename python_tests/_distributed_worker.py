@@ -28,6 +28,8 @@ def cases() -> dict[str, tuple]:
         "unified": (vse_cuda.unified_loss, dict(scale=10.0, margin=0.1), 2),
         "unified_learnable_scale": (vse_cuda.unified_loss, dict(scale=torch.tensor(10.0, dtype=torch.float64),
                                                                 margin=0.1), 2),
+        "siglip": (vse_cuda.siglip_loss, dict(scale=torch.tensor(5.0, dtype=torch.float64),
+                                              bias=torch.tensor(-1.0, dtype=torch.float64)), 2),
         "quintuplet": (vse_cuda.quintuplet_loss, dict(margin_offline=0.1), 6),
         "quintuplet_detached": (vse_cuda.quintuplet_loss, dict(detach_weights=True), 6),
         "goal_nca_sig_ms": (vse_cuda.goal_loss, dict(triplet_weight="nca", pair_weight="sig_ms"), 2),

@@ -8,14 +8,15 @@ named as in csrc.
 
 from . import distributed
 from ._lib import backends, use_backend
-from .losses import (GoalLoss, QuintupletLoss, TripletLoss, UnifiedLoss, goal_loss, quintuplet_loss, triplet_loss,
-                     unified_loss)
+from .losses import (GoalLoss, QuintupletLoss, SigLipLoss, TripletLoss, UnifiedLoss, goal_loss, quintuplet_loss,
+                     siglip_loss, triplet_loss, unified_loss)
 from .similarity import similarity
 from .topk import topk_similar
 
 __all__ = [
     "GoalLoss",
     "QuintupletLoss",
+    "SigLipLoss",
     "TripletLoss",
     "UnifiedLoss",
     "backends",
@@ -23,6 +24,7 @@ __all__ = [
     "goal_loss",
     "mining",
     "quintuplet_loss",
+    "siglip_loss",
     "similarity",
     "topk_similar",
     "triplet_loss",

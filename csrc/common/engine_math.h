@@ -12,6 +12,10 @@
 //   add(state, S_ij, S_ii)             folds in one valid negative
 //   merge(state, other)                folds in the state of other negatives of the same
 //                                      anchor (a later column tile, another thread's share)
+//   kSameLabelTerms                    the loss has terms for the anchor's same-label pairs
+//                                      (other than its own): add_same_label() folds them in
+//                                      and same_label_weight() is their gradient; else they
+//                                      are never visited (masked) and their gradient is 0
 //   kSavedWidth                        values finish() saves per anchor for the backward
 //   finish(state, S_ii, saved) -> T    the anchor's loss term; writes kSavedWidth values
 //   weight(S_ij, saved) -> T           ∂term/∂S_ij of a valid negative, from the saved values
@@ -41,6 +45,19 @@ VSE_HOST_DEVICE double log1p(double x) { return ::log1p(x); }
 // (i2t anchors) and columns (t2i anchors) use the same test.
 VSE_HOST_DEVICE bool is_negative(const int64_t* labels, int64_t anchor, int64_t candidate) {
   return candidate != anchor && (labels == nullptr || labels[anchor] != labels[candidate]);
+}
+
+// Folds entry (anchor, candidate) of S into the anchor's state: a valid negative through add(),
+// a same-label pair other than the anchor's own through add_same_label() when the policy has
+// such terms (kSameLabelTerms); the anchor's own pair is finish()'s.
+template <typename Policy, typename State, typename T>
+VSE_HOST_DEVICE void fold_entry(const Policy& policy, State& state, const int64_t* labels, int64_t anchor,
+                                int64_t candidate, T score, T positive) {
+  if (is_negative(labels, anchor, candidate)) {
+    policy.add(state, score, positive);
+  } else if constexpr (Policy::kSameLabelTerms) {
+    if (candidate != anchor) policy.add_same_label(state, score, positive);
+  }
 }
 
 // [x]_+ and its derivative as torch.relu: the derivative at exactly 0 is 0, NaN propagates
@@ -124,7 +141,8 @@ enum Directions : int { kRowAnchors = 1, kColumnAnchors = 2, kBothAnchors = kRow
 
 // ∂L/∂S_ij of a dense loss (per unit of ∂/∂loss) from the saved values of row anchor i and
 // column anchor j = key (row_saved, col_saved: Policy::kSavedWidth values per anchor): the two anchors'
-// weights for a valid negative, their diagonal terms on the diagonal, 0 elsewhere; only the
+// weights for a valid negative, their diagonal terms on the diagonal, their same-label weights
+// on a same-label pair (kSameLabelTerms), 0 elsewhere; only the
 // anchors of `directions` count.
 template <typename Policy, typename T>
 VSE_HOST_DEVICE T dense_entry_gradient(const Policy& policy, const int64_t* labels, int64_t i, int64_t key, T score,
@@ -134,7 +152,13 @@ VSE_HOST_DEVICE T dense_entry_gradient(const Policy& policy, const int64_t* labe
     const T own = rows ? policy.weight(score, row_saved + Policy::kSavedWidth * i) : T(0);
     return cols ? own + policy.weight(score, col_saved + Policy::kSavedWidth * key) : own;
   }
-  if (key != i) return T(0);
+  if (key != i) {
+    if constexpr (Policy::kSameLabelTerms) {
+      const T own = rows ? policy.same_label_weight(score, row_saved + Policy::kSavedWidth * i) : T(0);
+      return cols ? own + policy.same_label_weight(score, col_saved + Policy::kSavedWidth * key) : own;
+    }
+    return T(0);
+  }
   const T own = rows ? policy.diagonal(row_saved + Policy::kSavedWidth * i) : T(0);
   return cols ? own + policy.diagonal(col_saved + Policy::kSavedWidth * i) : own;
 }

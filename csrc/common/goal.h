@@ -63,6 +63,7 @@ struct NegativeSetPolicy {
     T rest = T(0);
     T count = T(0);  // kept entries, the top included
   };
+  static constexpr bool kSameLabelTerms = false;
   const T* threshold;  // on the tensors' device: read there, never copied to the host (a sync)
   T b;
   bool exponential;  // sig_ms (else lin_ms)

@@ -3,6 +3,8 @@
 // the user-facing ValueError/TypeError first; these guard direct torch.ops calls.
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace vse {
 
 inline void check_pair_args(const char* op, const at::Tensor& img, const at::Tensor& txt,
@@ -19,6 +21,18 @@ inline void check_pair_args(const char* op, const at::Tensor& img, const at::Ten
     TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64");
     TORCH_CHECK(labels.device() == img.device(), op, ": labels must be on the device of img and txt");
   }
+}
+
+// The value of a 0-dim floating tensor option (a learnable temperature or bias may live on the
+// GPU: reading it here, inside the op, keeps torch.compile's graph whole; on CUDA it waits for
+// the value): finite, and > 0 when `positive`.
+inline double checked_scalar(const char* op, const char* name, const at::Tensor& value, bool positive) {
+  TORCH_CHECK(value.dim() == 0 && at::isFloatingType(value.scalar_type()), op, ": ", name,
+              " must be a 0-dim floating-point tensor");
+  const double v = value.item<double>();
+  TORCH_CHECK(std::isfinite(v) && (!positive || v > 0), op, ": ", name, " must be finite", positive ? " and > 0" : "",
+              ", got ", v);
+  return v;
 }
 
 // The state a forward op saved for its backward: [N, width] in the accumulate type.

@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
-#include <cmath>
 #include <tuple>
 
 #include "common/engine_driver.h"
@@ -13,16 +12,6 @@
 #include "common/unified.h"
 
 namespace vse {
-
-// γ from the 0-dim `scale` tensor (a learnable temperature may live on the GPU: reading it
-// here, inside the op, keeps torch.compile's graph whole; on CUDA it waits for the value).
-inline double checked_scale(const char* op, const at::Tensor& scale) {
-  TORCH_CHECK(scale.dim() == 0 && at::isFloatingType(scale.scalar_type()), op,
-              ": scale must be a 0-dim floating-point tensor");
-  const double value = scale.item<double>();
-  TORCH_CHECK(std::isfinite(value) && value > 0, op, ": scale must be finite and > 0, got ", value);
-  return value;
-}
 
 // Outputs: (loss summed over both directions in the accumulate type, row_saved [N, 3],
 // col_saved [N, 3] with the saved values of UnifiedPolicy, ∂loss/∂scale in the accumulate type,
@@ -32,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_forward(
     const at::Tensor& img, const at::Tensor& txt, const at::Tensor& labels, const at::Tensor& scale, double margin,
     bool scale_grad, int64_t anchor_begin, int64_t anchor_end, int64_t row_chunk, int64_t col_chunk) {
   check_pair_args("unified_forward", img, txt, labels, row_chunk, col_chunk);
-  const double gamma = checked_scale("unified_forward", scale);
+  const double gamma = checked_scalar("unified_forward", "scale", scale, true);
   const typename Engine::Guard guard(img);
   const Anchors anchors = checked_anchors("unified_forward", anchor_begin, anchor_end, img.size(0));
   const auto acc = accumulate_type(img.scalar_type());
@@ -63,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> unified_backward(const at::Tensor& grad, cons
                                                     int64_t anchor_begin, int64_t anchor_end, int64_t row_chunk,
                                                     int64_t col_chunk) {
   check_pair_args("unified_backward", img, txt, labels, row_chunk, col_chunk);
-  const double gamma = checked_scale("unified_backward", scale);
+  const double gamma = checked_scalar("unified_backward", "scale", scale, true);
   const typename Engine::Guard guard(img);
   const int64_t n = img.size(0);
   const Anchors anchors = checked_anchors("unified_backward", anchor_begin, anchor_end, n);

@@ -84,7 +84,7 @@ struct Engine {
         State state = states[i];
         const T p = positives[i];
         for (int64_t j = 0; j < cols; ++j) {
-          if (is_negative(labels, i, c0 + j)) policy.add(state, row[j], p);
+          fold_entry(policy, state, labels, i, c0 + j, row[j], p);
         }
         states[i] = state;
       });
@@ -105,7 +105,7 @@ struct Engine {
         for (int64_t r = 0; r < rows; ++r) {
           const T* row = scores + r * cols + j0;
           for (int64_t u = 0; u < width; ++u) {
-            if (is_negative(labels, c0 + j0 + u, r0 + r)) policy.add(state[u], row[u], p[u]);
+            fold_entry(policy, state[u], labels, c0 + j0 + u, r0 + r, row[u], p[u]);
           }
         }
         std::copy_n(state, width, states + c0 + j0);

@@ -43,7 +43,7 @@ __global__ void dense_rows_kernel(Policy policy, const T* __restrict__ tile, int
   const T p = positive[i];
   State state;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    if (is_negative(labels, i, c0 + j)) policy.add(state, row[j], p);
+    fold_entry(policy, state, labels, i, c0 + j, row[j], p);
   }
   block_merge(policy, partial, state);
   if (threadIdx.x == 0) policy.merge(row_state[i], partial[0]);
@@ -69,7 +69,7 @@ __global__ void dense_columns_kernel(Policy policy, const T* __restrict__ tile, 
     const int64_t anchor = c0 + j;
     const T p = positive[anchor];
     for (int64_t r = begin; r < end; ++r) {
-      if (is_negative(labels, anchor, r0 + r)) policy.add(state, tile[r * cols + j], p);
+      fold_entry(policy, state, labels, anchor, r0 + r, tile[r * cols + j], p);
     }
   }
   partial[threadIdx.y * blockDim.x + threadIdx.x] = state;

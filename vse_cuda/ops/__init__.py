@@ -8,6 +8,7 @@ its ``nn.Module`` for the losses, its fake kernels and its autograd registration
 * :mod:`.unified`: ``unified_loss``, ``UnifiedLoss``
 * :mod:`.quintuplet`: ``quintuplet_loss``, ``QuintupletLoss``
 * :mod:`.goal`: ``goal_loss``, ``GoalLoss``
+* :mod:`.siglip`: ``siglip_loss``, ``SigLipLoss``
 
 :mod:`._engine` is what the losses share: the common checks, normalization, the gather over
 the process group, the chunk plan, the reduction and the registration of the ops in both

@@ -29,7 +29,7 @@ Conventions (DESIGN.md §5, §6; spec/losses.md §1)
   enum strings (``mining``, ``reduction``, ``triplet_weight``, ``pair_weight``).
 
 One module per op, named as everywhere else: :mod:`.similarity`, :mod:`.topk`,
-:mod:`.triplet`, :mod:`.unified`, :mod:`.quintuplet`, :mod:`.goal`; the masks and negative
+:mod:`.triplet`, :mod:`.unified`, :mod:`.quintuplet`, :mod:`.goal`, :mod:`.siglip`; the masks and negative
 mining they share in :mod:`.negatives`; open_clip's ClipLoss, which vse_cuda.contrib.open_clip
 replaces, in :mod:`.clip`. Every name is re-exported here.
 
@@ -45,6 +45,7 @@ from .goal import (GOAL_MS_NEG_OFFSET, GOAL_MS_POS_OFFSET, PAIR_WEIGHTS, TRIPLET
                    goal_loss_from_similarity, goal_value_and_grad, goal_weights)
 from .negatives import hardest_negative, negative_mask, rank_candidates, topk_negatives
 from .quintuplet import quintuplet_loss, quintuplet_loss_from_scores
+from .siglip import siglip_loss, siglip_loss_from_similarity
 from .similarity import similarity
 from .topk import topk_similar
 from .triplet import MINING_MODES, triplet_loss, triplet_loss_from_similarity
@@ -67,6 +68,8 @@ __all__ = [
     "unified_loss_from_similarity",
     "unified_loss",
     "clip_loss",
+    "siglip_loss_from_similarity",
+    "siglip_loss",
     "quintuplet_loss_from_scores",
     "quintuplet_loss",
     "goal_weights",

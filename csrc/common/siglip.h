@@ -1,0 +1,75 @@
+#pragma once
+// SigLIP's sigmoid loss (spec §8.2) over the chunked engine, shared by every backend. With the
+// logit u_ij = t·S_ij + b and z_ij = +1 for a positive pair (the anchor's own, and with labels
+// every same-label pair), −1 otherwise:
+//   L = Σ_ij softplus(−z_ij u_ij),   ∂L/∂u_ij = −z_ij σ(−z_ij u_ij),
+//   ∂L/∂S_ij = t ∂L/∂u_ij,   ∂L/∂t = Σ_ij S_ij ∂L/∂u_ij,   ∂L/∂b = Σ_ij ∂L/∂u_ij.
+// Every entry is one term, not one per direction as in the other dense losses, so each
+// direction's anchors count half of every term (halving is exact): rows and columns together,
+// and under a group the ranks' row and column shares together, count each term once.
+#include "common/engine_math.h"
+
+namespace vse {
+
+// softplus(y) = log(1 + e^y) and σ(y) from one exponential, e^{−|y|}: both stable for any y.
+template <typename T>
+struct SoftplusSigmoid {
+  T softplus, sigmoid;
+};
+template <typename T>
+VSE_HOST_DEVICE SoftplusSigmoid<T> softplus_sigmoid(T y) {
+  const T e = math::exp(y > T(0) ? -y : y);
+  const T inverse = T(1) / (T(1) + e);
+  return {(y > T(0) ? y : T(0)) + math::log1p(e), y > T(0) ? inverse : e * inverse};
+}
+
+// Dense policy (see common/engine_math.h for the interface). State: half of the anchor's terms,
+// of their ∂/∂t and of their ∂/∂b so far. saved = {S_ii, ∂/∂t, ∂/∂b} of the anchor's half
+// (the diagonal term included).
+template <typename T>
+struct SigLipPolicy {
+  struct State {
+    T loss = T(0);
+    T d_scale = T(0);
+    T d_bias = T(0);
+  };
+  // Smooth in S_ii: the row-wise dot serves (engine_driver.h dense_positives).
+  static constexpr bool kPositiveFromTiles = false;
+  static constexpr bool kSameLabelTerms = true;
+  static constexpr int64_t kSavedWidth = 3;
+  T scale;
+  T bias;
+
+  // Half the term of entry S_ij with sign z and its derivatives, added to state.
+  VSE_HOST_DEVICE void fold(State& state, T score, T z) const {
+    const auto f = softplus_sigmoid(-z * (scale * score + bias));
+    const T d_logit = T(-0.5) * z * f.sigmoid;
+    state.loss += T(0.5) * f.softplus;
+    state.d_scale += d_logit * score;
+    state.d_bias += d_logit;
+  }
+  VSE_HOST_DEVICE void add(State& state, T score, T /*positive*/) const { fold(state, score, T(-1)); }
+  VSE_HOST_DEVICE void add_same_label(State& state, T score, T /*positive*/) const { fold(state, score, T(1)); }
+  VSE_HOST_DEVICE void merge(State& state, const State& other) const {
+    state.loss += other.loss;
+    state.d_scale += other.d_scale;
+    state.d_bias += other.d_bias;
+  }
+  VSE_HOST_DEVICE T finish(const State& state, T positive, T* saved) const {
+    State total = state;
+    fold(total, positive, T(1));
+    saved[0] = positive;
+    saved[1] = total.d_scale;
+    saved[2] = total.d_bias;
+    return total.loss;
+  }
+  // ∂(half term)/∂S_ij = t·(−z/2)·σ(−z u_ij).
+  VSE_HOST_DEVICE T gradient(T score, T z) const {
+    return T(-0.5) * z * scale * softplus_sigmoid(-z * (scale * score + bias)).sigmoid;
+  }
+  VSE_HOST_DEVICE T weight(T score, const T* /*saved*/) const { return gradient(score, T(-1)); }
+  VSE_HOST_DEVICE T same_label_weight(T score, const T* /*saved*/) const { return gradient(score, T(1)); }
+  VSE_HOST_DEVICE T diagonal(const T* saved) const { return gradient(saved[0], T(1)); }
+};
+
+}  // namespace vse
