@@ -1,7 +1,7 @@
-"""vse_cuda.contrib.open_clip.ClipLoss against open_clip's ClipLoss as written out in
-vse_cuda.reference.clip (from open_clip's src/open_clip/loss.py): the loss and the gradients of
-both feature tensors and of logit_scale, one process on every backend, and 2 gloo ranks
-(equal shards, as open_clip requires) with local_loss on and off."""
+"""vse_cuda.contrib.open_clip.ClipLoss and SigLipLoss against open_clip's losses as written out
+in vse_cuda.reference.clip (from open_clip's src/open_clip/loss.py): the loss and the gradients
+of both feature tensors, of logit_scale and of logit_bias, one process on every backend, and 2
+gloo ranks (equal shards, as open_clip requires), ClipLoss with local_loss on and off."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import vse_cuda
-from vse_cuda.contrib.open_clip import ClipLoss
-from vse_cuda.reference.clip import clip_loss
+from vse_cuda.contrib.open_clip import ClipLoss, SigLipLoss
+from vse_cuda.reference.clip import clip_loss, siglip_rank_loss
 
 from _loss_cases import loss_and_grads, random_inputs
 
@@ -45,6 +45,23 @@ def test_matches_open_clip_in_one_process(backend, device, on_backend, n, dtype)
         torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"d {what}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_siglip_matches_open_clip_in_one_process(backend, device, on_backend, n, dtype):
+    img, txt = (x.to(device) for x in features(n, 16, dtype, seed=n))
+    scale, bias = torch.tensor(10.0, dtype=dtype, device=device), torch.tensor(-10.0, dtype=dtype, device=device)
+
+    def call(a, b, s, t):
+        with on_backend():
+            return SigLipLoss()(a, b, s, t)
+
+    loss, grads = loss_and_grads(call, img, txt, scale, bias)
+    want_loss, want_grads = loss_and_grads(siglip_rank_loss, img, txt, scale, bias)
+    torch.testing.assert_close(loss, want_loss, **TOL[dtype])
+    for what, got, want in zip(("image", "text", "logit_scale", "logit_bias"), grads, want_grads):
+        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"d {what}: {m}")
+
+
 def test_output_dict_and_logit_bias():
     img, txt = features(9, 4, torch.float64, seed=1)
     loss = ClipLoss()(img, txt, 10.0)
@@ -61,6 +78,12 @@ def test_unsupported_modes_are_refused():
         ClipLoss(rank=2, world_size=2)
     with pytest.raises(ValueError, match="default process group"):
         ClipLoss(gather_with_grad=True, rank=0, world_size=2)(*features(3, 4, torch.float64, 0), 10.0)
+    with pytest.raises(NotImplementedError, match="horovod"):
+        SigLipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="dist_impl"):
+        SigLipLoss(dist_impl="ring")
+    with pytest.raises(ValueError, match="default process group"):
+        SigLipLoss(rank=1, world_size=2)(*features(3, 4, torch.float64, 0), 10.0, -10.0)
 
 
 # ------------------------------------------------------------------------------ two ranks
@@ -77,9 +100,17 @@ def _rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[local_loss] = (loss_and_grads(ours, img[shard], txt[shard], torch.tensor(12.0, dtype=torch.float64)),
                                    loss_and_grads(lambda a, b, s: clip_loss(a, b, s, **options), img[shard], txt[shard],
                                                   torch.tensor(12.0, dtype=torch.float64)))
+        ours = SigLipLoss(rank=rank, world_size=world)
+        results["siglip"] = (loss_and_grads(ours, img[shard], txt[shard], *_siglip_scalars()),
+                             loss_and_grads(lambda a, b, s, t: siglip_rank_loss(a, b, s, t, world_size=world),
+                                            img[shard], txt[shard], *_siglip_scalars()))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _siglip_scalars():
+    return torch.tensor(10.0, dtype=torch.float64), torch.tensor(-4.0, dtype=torch.float64)
 
 
 def test_matches_open_clip_on_two_ranks(tmp_path):
@@ -96,3 +127,15 @@ def test_matches_open_clip_on_two_ranks(tmp_path):
         got = sum(r[local_loss][0][1][2] for r in ranks)
         want = sum(r[local_loss][1][1][2] for r in ranks)
         torch.testing.assert_close(got, want, **TOL[torch.float64])
+    # SigLIP: the ranks split the terms differently (open_clip by rows, vse_cuda by halves of
+    # rows and columns); the total, every rank's feature gradients and the summed scale and bias
+    # gradients are the same.
+    total = sum(r["siglip"][0][0] for r in ranks)
+    torch.testing.assert_close(total, sum(r["siglip"][1][0] for r in ranks), **TOL[torch.float64])
+    for rank, results in enumerate(ranks):
+        (_, grads), (_, want_grads) = results["siglip"]
+        for what, got, want in zip(("image", "text"), grads[:2], want_grads[:2]):
+            torch.testing.assert_close(got, want, **TOL[torch.float64], msg=lambda m: f"siglip d {what}, rank {rank}: {m}")
+    for s, what in ((2, "logit_scale"), (3, "logit_bias")):
+        torch.testing.assert_close(sum(r["siglip"][0][1][s] for r in ranks), sum(r["siglip"][1][1][s] for r in ranks),
+                                   **TOL[torch.float64], msg=lambda m: f"siglip d {what}: {m}")

@@ -26,6 +26,7 @@ LOSS_OPTIONS = {
     "triplet top-3": ["--loss", "triplet", "--mining", "topk", "--topk", "3", "--warmup-epochs", "0"],
     "unified": ["--loss", "unified", "--warmup-epochs", "0"],
     "infonce (learned scale)": ["--loss", "infonce", "--warmup-epochs", "0"],
+    "siglip (learned scale and bias)": ["--loss", "siglip", "--warmup-epochs", "0"],
     "goal": ["--loss", "goal", "--triplet-weight", "nca", "--pair-weight", "lin", "--warmup-epochs", "0"],
 }
 #: Deterministic columns of the log (the others are timings).
@@ -70,6 +71,14 @@ def test_infonce_learns_its_temperature(tmp_path):
     assert out.count("learned scale") == 3
     # A model built from the run's config holds the parameter, so the checkpoint evaluates.
     assert evaluate.main([str(tmp_path / train.BEST)]) == table
+
+
+def test_siglip_learns_its_temperature_and_bias(tmp_path):
+    _, out = train_run(tmp_path, "--loss", "siglip", "--warmup-epochs", "0", "--mask-same-image", epochs=2)
+    model = _checkpoint.load_checkpoint(tmp_path / train.CHECKPOINT)["model"]
+    assert abs(float(model["logit_scale"]) - float(torch.tensor(10.0).log())) > 1e-3
+    assert float(model["logit_bias"]) != -10.0
+    assert out.count("learned scale") == 2 and out.count("learned bias") == 2
 
 
 def test_warmup_epochs_use_vse0(tmp_path):

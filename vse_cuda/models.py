@@ -79,13 +79,21 @@ MAX_LOGIT_SCALE = math.log(100)
 
 class DualEncoder(nn.Module):
     """An image encoder and a text encoder sharing one embedding space and, for the CLIP-style
-    losses, a learnable temperature ``logit_scale`` (a log: γ = exp(logit_scale)), else None."""
+    losses, a learnable temperature ``logit_scale`` (a log: γ = exp(logit_scale)) and, for
+    SigLIP, a learnable ``logit_bias``; None where the loss has none."""
 
-    def __init__(self, image: nn.Module, text: nn.Module, logit_scale: float | None = None):
+    def __init__(self, image: nn.Module, text: nn.Module, logit_scale: float | None = None,
+                 logit_bias: float | None = None):
         super().__init__()
         self.image = image
         self.text = text
         self.logit_scale = None if logit_scale is None else nn.Parameter(torch.tensor(float(logit_scale)))
+        self.logit_bias = None if logit_bias is None else nn.Parameter(torch.tensor(float(logit_bias)))
+
+    def logit_options(self) -> dict[str, torch.Tensor]:
+        """The learned loss options a CLIP-style loss takes: scale = exp(logit_scale), bias."""
+        options = {} if self.logit_scale is None else {"scale": self.logit_scale.exp()}
+        return options if self.logit_bias is None else {**options, "bias": self.logit_bias}
 
     def clamp_logit_scale(self) -> None:
         """Keep γ in [1, 100] after an optimizer step, as CLIP does (open_clip clamps the
@@ -96,9 +104,10 @@ class DualEncoder(nn.Module):
 
 
 def build_model(*, image_dim: int, caption_dim: int | None, vocab_size: int | None, embed_dim: int,
-                head_hidden: int, word_dim: int, logit_scale: float | None = None) -> DualEncoder:
+                head_hidden: int, word_dim: int, logit_scale: float | None = None,
+                logit_bias: float | None = None) -> DualEncoder:
     """Projection heads for features; a BiGRU text side when ``caption_dim`` is None (raw
-    captions); a learnable ``logit_scale`` parameter when one is given (its initial value)."""
+    captions); learnable ``logit_scale`` and ``logit_bias`` parameters when given (their initial values)."""
     image = ImageEncoder(image_dim, embed_dim, head_hidden)
     if caption_dim is not None:
         text: nn.Module = FeatureTextEncoder(caption_dim, embed_dim, head_hidden)
@@ -106,7 +115,7 @@ def build_model(*, image_dim: int, caption_dim: int | None, vocab_size: int | No
         text = GRUTextEncoder(vocab_size, embed_dim, word_dim)
     else:
         raise ValueError("build_model needs caption_dim (caption features) or vocab_size (raw captions)")
-    return DualEncoder(image, text, logit_scale)
+    return DualEncoder(image, text, logit_scale, logit_bias)
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ with a one-line message and nothing in the run dir is touched.
 ``--loss infonce`` is CLIP's objective: the unified loss at margin 0 (symmetric InfoNCE) with a
 learnable temperature γ = exp(logit_scale), a model parameter initialised at log(1/0.07),
 optimized with the encoders and clamped to γ ≤ 100 after every step, as open_clip does.
+``--loss siglip`` is SigLIP's sigmoid loss (mean over the batch) with a learnable temperature
+t = exp(logit_scale) from 10 and bias b from −10, as in the SigLIP paper.
 
 AOQ (``--loss quintuplet``) runs the official two rounds: VSE++ training, offline candidate
 mining with the round-one model (:mod:`vse_cuda.mining`), then AOQ training of a fresh model.
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aoq-k-i2t", type=int, default=d.aoq_k_i2t, help="AOQ: mined captions per image")
     g.add_argument("--aoq-k-t2i", type=int, default=d.aoq_k_t2i, help="AOQ: mined images per caption")
     g.add_argument("--aoq-pool", type=int, default=d.aoq_pool, help="AOQ: offline candidates drawn from (h)")
-    g.add_argument("--mask-same-image", action="store_true", help="never use an image's other captions as negatives")
+    g.add_argument("--mask-same-image", action="store_true",
+                   help="never use an image's other captions as negatives (siglip: they are positives)")
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                    help="first epochs with VSE0 (triplet, sum over negatives) before the chosen loss (VSE∞)")
     g = p.add_argument_group("optimization")

@@ -21,9 +21,11 @@ from . import losses
 from .data import Dataset, SyntheticConfig, load_vse_dataset, synthetic_dataset
 from .models import DualEncoder, build_model
 
-LOSSES = ("triplet", "unified", "infonce", "quintuplet", "goal")
+LOSSES = ("triplet", "unified", "infonce", "siglip", "quintuplet", "goal")
 #: CLIP's initial temperature τ = 0.07 (γ = 1/τ), the start of ``--loss infonce``'s learned scale.
 INFONCE_INITIAL_SCALE = 1 / 0.07
+#: The SigLIP paper's initial temperature t = 10 and bias b = −10 of ``--loss siglip``.
+SIGLIP_INITIAL_SCALE, SIGLIP_INITIAL_BIAS = 10.0, -10.0
 DEVICES = ("cpu", "cuda")
 #: Config fields a resumed run may change: they do not alter what the finished run computes
 #: (``epochs`` extends a run; the schedule depends on ``lr_update`` only).
@@ -184,12 +186,15 @@ def load_data(config: Config, vocab: list[str] | None = None) -> Dataset:
 
 
 def make_model(config: Config, dataset: Dataset) -> DualEncoder:
-    """The encoders; with ``--loss infonce`` also the learnable log-temperature, at log(1/0.07)."""
-    logit_scale = math.log(INFONCE_INITIAL_SCALE) if config.loss == "infonce" else None
+    """The encoders; with ``--loss infonce`` also the learnable log-temperature, at log(1/0.07),
+    and with ``--loss siglip`` the log-temperature and the bias, at log 10 and −10."""
+    logit_scale, logit_bias = {"infonce": (math.log(INFONCE_INITIAL_SCALE), None),
+                               "siglip": (math.log(SIGLIP_INITIAL_SCALE), SIGLIP_INITIAL_BIAS)}.get(config.loss,
+                                                                                                  (None, None))
     return build_model(image_dim=dataset.image_dim, caption_dim=dataset.caption_dim,
                        vocab_size=None if dataset.vocab is None else len(dataset.vocab),
                        embed_dim=config.embed_dim, head_hidden=config.head_hidden, word_dim=config.word_dim,
-                       logit_scale=logit_scale)
+                       logit_scale=logit_scale, logit_bias=logit_bias)
 
 
 def make_loss(config: Config, *, warmup: bool, round_: int, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -204,6 +209,8 @@ def make_loss(config: Config, *, warmup: bool, round_: int, group: dist.ProcessG
         return losses.UnifiedLoss(scale=c.scale, margin=c.margin, group=group)
     if c.loss == "infonce":  # symmetric InfoNCE; the trainer passes the model's learned scale
         return losses.UnifiedLoss(scale=INFONCE_INITIAL_SCALE, margin=0.0, group=group)
+    if c.loss == "siglip":  # the trainer passes the model's learned scale and bias
+        return losses.SigLipLoss(learnable=False, group=group)
     if c.loss == "goal":
         return losses.GoalLoss(triplet_weight=c.triplet_weight, pair_weight=c.pair_weight, tau=c.tau, a=c.goal_a,
                                b=c.goal_b, lam=c.goal_lam, group=group)

@@ -190,7 +190,8 @@ class Trainer:
         row = self._on_main(lambda: {**train, **self._dev_recall()})
         state.history.append(row)
         self._save(state, row["dev_rsum"])
-        learned = "" if self.model.logit_scale is None else f", learned scale {self.model.logit_scale.exp().item():.2f}"
+        with torch.no_grad():
+            learned = "".join(f", learned {name} {v.item():.2f}" for name, v in self.model.logit_options().items())
         self._say(f"round {state.round} epoch {state.epoch}/{c.epochs} [{loss_name}{learned}] loss "
                   f"{row['train_loss']:.4f} dev rsum {row['dev_rsum']:.1f} ({seconds:.1f} s, "
                   f"{row['ms_per_step']:.1f} ms/step)")
@@ -251,9 +252,9 @@ class Trainer:
         img, txt = img.split(len(image_ids[0])), txt.split(len(caption_ids[0]))
         labels = (caption_ids[0] // CAPTIONS_PER_IMAGE).to(self.device) if c.mask_same_image else None
         if len(img) == 1:
-            if isinstance(loss_fn, losses.UnifiedLoss) and self.model.logit_scale is not None:
-                return loss_fn(img[0], txt[0], labels=labels, scale=self.model.logit_scale.exp())
-            return loss_fn(img[0], txt[0], labels=labels)
+            # --loss infonce / siglip: the model's learned scale (and bias); not for the warm-up's VSE0.
+            learned = self.model.logit_options() if isinstance(loss_fn, (losses.UnifiedLoss, losses.SigLipLoss)) else {}
+            return loss_fn(img[0], txt[0], labels=labels, **learned)
         return loss_fn(img[0], txt[0], img[1], txt[1], img[2], txt[2], labels=labels)
 
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:

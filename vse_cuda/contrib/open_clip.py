@@ -1,5 +1,5 @@
-"""open_clip's ``ClipLoss`` on vse_cuda's chunked kernels: the same constructor and forward, the
-same numbers, no [n, N] logit matrix.
+"""open_clip's ``ClipLoss`` and ``SigLipLoss`` on vse_cuda's chunked kernels: the same
+constructors and forwards, the same numbers, no [n, N] logit matrix.
 
 ``ClipLoss()(image_features, text_features, logit_scale)`` is open_clip's mean of the two
 cross-entropies ``(CE(γ I Tᵀ) + CE(γ T Iᵀ)) / 2`` with γ = ``logit_scale`` (already exp'd, as
@@ -20,6 +20,15 @@ open_clip takes them), with ``gather_with_grad=True``:
 through the other ranks' terms (and, with ``local_loss``, a rank's own terms in the other
 direction); vse_cuda's exchange is exact, so that variant is refused rather than approximated.
 Horovod is not supported.
+
+``SigLipLoss()(image_features, text_features, logit_scale, logit_bias)`` is open_clip's
+``−Σ_ij log σ(z_ij (t·S_ij + b)) / n`` (:func:`vse_cuda.siglip_loss`). Distributed, open_clip
+passes the text features around the ranks (``dist_impl`` bidir / shift / reduce / gather, all
+the same numbers) and each rank returns its own images' terms over its n; here each rank returns
+its rows' and columns' halves over n (vse_cuda's exact exchange). The ranks' losses sum to the
+same total and every rank's feature gradients are the same (each rank's features get the
+gradient of the sum, in open_clip through the autograd of its exchange); logit_scale's and
+logit_bias's gradients agree summed over the ranks, which is what DDP's averaging sees.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ops.siglip import siglip_loss
 from ..ops.unified import unified_loss
 
-__all__ = ["ClipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss"]
 
 
 class ClipLoss(nn.Module):
@@ -45,8 +55,7 @@ class ClipLoss(nn.Module):
         if use_horovod:
             raise NotImplementedError("vse_cuda.contrib.open_clip.ClipLoss: horovod is not supported; "
                                       "use torch.distributed")
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"ClipLoss: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        _check_rank("ClipLoss", rank, world_size)
         if world_size > 1 and not gather_with_grad:
             raise NotImplementedError(
                 "ClipLoss(gather_with_grad=False) with world_size > 1 drops the gradient through the other ranks' "
@@ -72,9 +81,46 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _group(self):
-        if self.world_size == 1:
-            return None
-        if not dist.is_initialized() or dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
-            raise ValueError(f"ClipLoss(rank={self.rank}, world_size={self.world_size}) needs the default process "
-                             f"group with that rank and size")
-        return dist.group.WORLD
+        return _world_group("ClipLoss", self.rank, self.world_size)
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's ``SigLipLoss`` (src/open_clip/loss.py) with vse_cuda's fused SigLIP loss inside.
+
+    Args: as open_clip's (``dist_impl`` of open_clip 3, ``bidir`` of earlier releases: any
+    exchange gives the same numbers). ``cache_labels`` has no effect.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
+                 bidir: bool = True, use_horovod: bool = False):
+        super().__init__()
+        if use_horovod:
+            raise NotImplementedError("vse_cuda.contrib.open_clip.SigLipLoss: horovod is not supported; "
+                                      "use torch.distributed")
+        if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"SigLipLoss: dist_impl must be bidir, shift, reduce, gather or None, got {dist_impl!r}")
+        _check_rank("SigLipLoss", rank, world_size)
+        self.cache_labels, self.rank, self.world_size, self.dist_impl, self.bidir = (
+            cache_labels, rank, world_size, dist_impl, bidir)
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
+                logit_bias: torch.Tensor | float, output_dict: bool = False):
+        group = _world_group("SigLipLoss", self.rank, self.world_size)
+        total = siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction="sum", group=group)
+        loss = total / image_features.size(0)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+def _check_rank(name: str, rank: object, world_size: object) -> None:
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"{name}: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def _world_group(name: str, rank: int, world_size: int):
+    """None for one process, else the default group, which must have this rank and size."""
+    if world_size == 1:
+        return None
+    if not dist.is_initialized() or dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise ValueError(f"{name}(rank={rank}, world_size={world_size}) needs the default process group with that "
+                         f"rank and size")
+    return dist.group.WORLD

@@ -88,7 +88,9 @@ def _as_tensor(value: Scalar) -> torch.Tensor:
 class SigLipLoss(nn.Module):
     """:func:`siglip_loss` as a module, with SigLIP's learnable temperature and bias as its
     parameters: t = exp(``log_scale``) and b = ``bias``, initialised at log 10 and −10 as in the
-    paper (``learnable=False`` keeps them fixed buffers). ``forward(img, txt, labels=None)``."""
+    paper (``learnable=False`` keeps them fixed buffers). ``forward(img, txt, labels=None,
+    scale=None, bias=None)``: a scale or bias given there replaces the module's for that call
+    (e.g. a model's own ``logit_scale.exp()`` and ``logit_bias``)."""
 
     def __init__(self, *, init_scale: float = 10.0, init_bias: float = -10.0, learnable: bool = True,
                  normalize: bool = False, reduction: str = "mean", group=None, chunk_size: int | None = None):
@@ -103,8 +105,10 @@ class SigLipLoss(nn.Module):
             self.register_buffer("log_scale", log_scale)
             self.register_buffer("bias", bias)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return siglip_loss(img, txt, self.log_scale.exp(), self.bias, labels=labels, normalize=self.normalize,
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor | None = None,
+                scale: Scalar | None = None, bias: Scalar | None = None) -> torch.Tensor:
+        return siglip_loss(img, txt, self.log_scale.exp() if scale is None else scale,
+                           self.bias if bias is None else bias, labels=labels, normalize=self.normalize,
                            reduction=self.reduction, group=self.group, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:

@@ -40,7 +40,7 @@ Building blocks exported for other tests: :func:`negative_mask`, :func:`hardest_
 """
 
 from ._common import REDUCTIONS, compute_dtype
-from .clip import clip_loss
+from .clip import clip_loss, siglip_rank_loss
 from .goal import (GOAL_MS_NEG_OFFSET, GOAL_MS_POS_OFFSET, PAIR_WEIGHTS, TRIPLET_WEIGHTS, goal_loss,
                    goal_loss_from_similarity, goal_value_and_grad, goal_weights)
 from .negatives import hardest_negative, negative_mask, rank_candidates, topk_negatives
@@ -68,6 +68,7 @@ __all__ = [
     "unified_loss_from_similarity",
     "unified_loss",
     "clip_loss",
+    "siglip_rank_loss",
     "siglip_loss_from_similarity",
     "siglip_loss",
     "quintuplet_loss_from_scores",

@@ -1,5 +1,5 @@
-"""open_clip's ClipLoss (src/open_clip/loss.py of mlfoundations/open_clip, class ClipLoss), the
-formula written out from that file: the mean of the two cross-entropies over the logits
+"""open_clip's ClipLoss and SigLipLoss (src/open_clip/loss.py of mlfoundations/open_clip), the
+formulas written out from that file. ClipLoss: the mean of the two cross-entropies over the logits
 γ·img·txtᵀ and γ·txt·imgᵀ with the pairs on the diagonal. Distributed, its ``gather_features``
 concatenates every rank's features (with ``gather_with_grad`` through
 ``torch.distributed.nn.all_gather``, whose backward sums the ranks' gradients); with
@@ -31,3 +31,22 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         per_text = per_image.T
         labels = torch.arange(per_image.size(0), device=per_image.device)
     return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
+def siglip_rank_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
+                     logit_bias: torch.Tensor | float, *, world_size: int = 1) -> torch.Tensor:
+    """The loss one rank of open_clip's SigLipLoss returns: its own images against every rank's
+    texts (open_clip passes the texts around the ranks with autograd; here one differentiable
+    all_gather), ``−Σ log σ(z_ij (t·S_ij + b)) / n_local`` with z = +1 only on the rank's own
+    pairs. One process: SigLIP's loss over N."""
+    n, all_text, offset = image_features.size(0), text_features, 0
+    if world_size > 1:
+        from torch.distributed import get_rank
+        from torch.distributed.nn import all_gather
+
+        all_text = torch.cat(all_gather(text_features), dim=0)
+        offset = get_rank() * n
+    logits = logit_scale * image_features @ all_text.T + logit_bias
+    z = -torch.ones_like(logits)
+    z[:, offset:offset + n] += 2 * torch.eye(n, dtype=logits.dtype, device=logits.device)
+    return -F.logsigmoid(z * logits).sum() / n
