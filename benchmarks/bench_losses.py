@@ -75,6 +75,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                        "inputs": 2, "dense": False, "peer": None},
     "unified": {"fn": "unified_loss", "kwargs": {"scale": 20.0, "margin": 0.0},
                 "inputs": 2, "dense": True, "peer": "pml_ntxent"},
+    # The same with a learnable temperature: the forward also accumulates ∂L/∂γ.
+    "unified_learned_scale": {"fn": "unified_loss", "kwargs": {"scale": torch.tensor(20.0, requires_grad=True),
+                                                                "margin": 0.0},
+                              "inputs": 2, "dense": True, "peer": None},
     "siglip": {"fn": "siglip_loss", "kwargs": {"scale": 10.0, "bias": -10.0}, "inputs": 2, "dense": True,
                "peer": None},
     "quintuplet": {"fn": "quintuplet_loss", "kwargs": {}, "inputs": 6, "dense": False, "peer": None},
@@ -84,7 +88,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "inputs": 2, "dense": False, "peer": None},
 }
 #: Variants also measured in bfloat16 (DESIGN §8 grid); the others run in float32 only.
-BF16_VARIANTS = ("triplet_hardest", "unified", "siglip")
+BF16_VARIANTS = ("triplet_hardest", "unified", "unified_learned_scale", "siglip")
 PEERS = ("pml_triplet_bh", "pml_ntxent")
 METHODS = ("gemm_floor", "vse_cuda", "oracle", "peer")
 PEER_NOTES = {

@@ -116,21 +116,27 @@ inline Anchors checked_anchors(const char* op, int64_t begin, int64_t end, int64
 // their rows against every column (kRowAnchors), then every row against their columns
 // (kColumnAnchors), so that each anchor's state still sees its entries in increasing index.
 // `tiling` and `selection` as in tiles.h; each sweep's diagonal is its anchors' pairs.
+// Only the anchors of `wanted` are served: a loss whose terms all belong to row anchors
+// (kRowAnchors) gets no column sweep under a group and tiles marked for its rows alone.
 template <typename TileFn>
 void for_each_anchor_tile(const at::Tensor& a, const at::Tensor& b, const Anchors& anchors, int64_t row_chunk,
                           int64_t col_chunk, const TileFn& on_tile, Tiling tiling,
-                          TileSelection selection = TileSelection::kAll) {
+                          TileSelection selection = TileSelection::kAll, int wanted = kBothAnchors) {
   const int64_t first = anchors.begin;
   const TilePlan plan{row_chunk, col_chunk, tiling, selection, 0};
   if (anchors.all(a.size(0))) {
-    for_each_tile(a, b, plan, [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, r0, c0, kBothAnchors); });
+    for_each_tile(a, b, plan, [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, r0, c0, wanted); });
     return;
   }
   // Local row q of the anchors' rows is pair first + q; local column q of their columns too.
-  for_each_tile(anchors.of(a), b, TilePlan{row_chunk, col_chunk, tiling, selection, first},
-                [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, first + r0, c0, kRowAnchors); });
-  for_each_tile(a, anchors.of(b), TilePlan{row_chunk, col_chunk, tiling, selection, -first},
-                [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, r0, first + c0, kColumnAnchors); });
+  if (wanted & kRowAnchors) {
+    for_each_tile(anchors.of(a), b, TilePlan{row_chunk, col_chunk, tiling, selection, first},
+                  [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, first + r0, c0, kRowAnchors); });
+  }
+  if (wanted & kColumnAnchors) {
+    for_each_tile(a, anchors.of(b), TilePlan{row_chunk, col_chunk, tiling, selection, -first},
+                  [&](const at::Tensor& tile, int64_t r0, int64_t c0) { on_tile(tile, r0, first + c0, kColumnAnchors); });
+  }
 }
 
 // The anchors' positives S_ii as their own sweeps' tiles hold them: row anchors' from the
@@ -283,12 +289,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a
         if (directions & kRowAnchors) Passes::rows(policy, tile, r0, c0, labels, positive.row, row_state);
         if (directions & kColumnAnchors) Passes::columns(policy, tile, r0, c0, labels, positive.col, col_state);
       },
-      plan.tiling);
+      plan.tiling, TileSelection::kAll, Policy::kAnchors);
   const auto terms = at::zeros({2, n}, options);
   auto row_saved = at::zeros({n, Policy::kSavedWidth}, options);
   auto col_saved = at::zeros({n, Policy::kSavedWidth}, options);
   Passes::finish(policy, anchors.of(row_state), anchors.of(positive.row), anchors.of(terms[0]), anchors.of(row_saved));
-  Passes::finish(policy, anchors.of(col_state), anchors.of(positive.col), anchors.of(terms[1]), anchors.of(col_saved));
+  if (Policy::kAnchors & kColumnAnchors) {
+    Passes::finish(policy, anchors.of(col_state), anchors.of(positive.col), anchors.of(terms[1]),
+                   anchors.of(col_saved));
+  }
   return {sum_terms(terms), row_saved, col_saved};
 }
 
@@ -314,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad, const 
                          add_product(da.narrow(0, r0, rows), g, b.narrow(0, c0, cols));
                          add_product(db.narrow(0, c0, cols), g.t(), a.narrow(0, r0, rows));
                        },
-                       plan.tiling);
+                       plan.tiling, TileSelection::kAll, Policy::kAnchors);
   return {da, db};
 }
 

@@ -12,6 +12,8 @@
 //   add(state, S_ij, S_ii)             folds in one valid negative
 //   merge(state, other)                folds in the state of other negatives of the same
 //                                      anchor (a later column tile, another thread's share)
+//   kAnchors                           the anchors that have terms: kBothAnchors, or
+//                                      kRowAnchors for a loss with one term per entry of S
 //   kSameLabelTerms                    the loss has terms for the anchor's same-label pairs
 //                                      (other than its own): add_same_label() folds them in
 //                                      and same_label_weight() is their gradient; else they

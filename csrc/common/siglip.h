@@ -4,9 +4,10 @@
 // every same-label pair), −1 otherwise:
 //   L = Σ_ij softplus(−z_ij u_ij),   ∂L/∂u_ij = −z_ij σ(−z_ij u_ij),
 //   ∂L/∂S_ij = t ∂L/∂u_ij,   ∂L/∂t = Σ_ij S_ij ∂L/∂u_ij,   ∂L/∂b = Σ_ij ∂L/∂u_ij.
-// Every entry is one term, not one per direction as in the other dense losses, so each
-// direction's anchors count half of every term (halving is exact): rows and columns together,
-// and under a group the ranks' row and column shares together, count each term once.
+// Every entry is one term, not one per direction as in the other dense losses, so the terms
+// are the row anchors' alone (kAnchors = kRowAnchors): one process sweeps S once into its rows,
+// and a rank of a group sweeps only its own rows against every column (no column sweep), so
+// the ranks' losses count each term once.
 #include "common/engine_math.h"
 
 namespace vse {
@@ -23,9 +24,9 @@ VSE_HOST_DEVICE SoftplusSigmoid<T> softplus_sigmoid(T y) {
   return {(y > T(0) ? y : T(0)) + math::log1p(e), y > T(0) ? inverse : e * inverse};
 }
 
-// Dense policy (see common/engine_math.h for the interface). State: half of the anchor's terms,
-// of their ∂/∂t and of their ∂/∂b so far. saved = {S_ii, ∂/∂t, ∂/∂b} of the anchor's half
-// (the diagonal term included).
+// Dense policy (see common/engine_math.h for the interface), row anchors only. State: the sum
+// of the row's terms, of their ∂/∂t and of their ∂/∂b so far. saved = {S_ii, ∂/∂t, ∂/∂b} of
+// the row (the diagonal term included).
 template <typename T>
 struct SigLipPolicy {
   struct State {
@@ -35,16 +36,17 @@ struct SigLipPolicy {
   };
   // Smooth in S_ii: the row-wise dot serves (engine_driver.h dense_positives).
   static constexpr bool kPositiveFromTiles = false;
+  static constexpr int kAnchors = kRowAnchors;
   static constexpr bool kSameLabelTerms = true;
   static constexpr int64_t kSavedWidth = 3;
   T scale;
   T bias;
 
-  // Half the term of entry S_ij with sign z and its derivatives, added to state.
+  // The term of entry S_ij with sign z and its derivatives, added to state.
   VSE_HOST_DEVICE void fold(State& state, T score, T z) const {
     const auto f = softplus_sigmoid(-z * (scale * score + bias));
-    const T d_logit = T(-0.5) * z * f.sigmoid;
-    state.loss += T(0.5) * f.softplus;
+    const T d_logit = -z * f.sigmoid;
+    state.loss += f.softplus;
     state.d_scale += d_logit * score;
     state.d_bias += d_logit;
   }
@@ -63,9 +65,9 @@ struct SigLipPolicy {
     saved[2] = total.d_bias;
     return total.loss;
   }
-  // ∂(half term)/∂S_ij = t·(−z/2)·σ(−z u_ij).
+  // ∂term/∂S_ij = −z t σ(−z u_ij).
   VSE_HOST_DEVICE T gradient(T score, T z) const {
-    return T(-0.5) * z * scale * softplus_sigmoid(-z * (scale * score + bias)).sigmoid;
+    return -z * scale * softplus_sigmoid(-z * (scale * score + bias)).sigmoid;
   }
   VSE_HOST_DEVICE T weight(T score, const T* /*saved*/) const { return gradient(score, T(-1)); }
   VSE_HOST_DEVICE T same_label_weight(T score, const T* /*saved*/) const { return gradient(score, T(1)); }

@@ -13,8 +13,9 @@
 
 namespace vse {
 
-// Outputs: (loss in the accumulate type, row_saved [N, 3], col_saved [N, 3] with the saved values
-// of SigLipPolicy, ∂loss/∂scale, ∂loss/∂bias in the accumulate type).
+// Outputs: (loss in the accumulate type, row_saved [N, 3] with the saved values of SigLipPolicy,
+// col_saved [N, 3] (zeros: the terms are the rows'), ∂loss/∂scale, ∂loss/∂bias in the
+// accumulate type).
 template <class Engine>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_forward(
     const at::Tensor& img, const at::Tensor& txt, const at::Tensor& labels, const at::Tensor& scale,
@@ -33,9 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fo
     out = dense_forward<Engine, scalar_t>(a, b_op, labels_data(lab), policy, anchors, row_chunk, col_chunk);
   });
   auto& [loss, row_saved, col_saved] = out;
-  const auto summed = [&](int64_t column) {
-    return sum_terms(at::stack({row_saved.select(1, column), col_saved.select(1, column)}));
-  };
+  const auto summed = [&](int64_t column) { return sum_terms(row_saved.select(1, column)); };
   return {loss, row_saved, col_saved, summed(1), summed(2)};
 }
 

@@ -24,6 +24,7 @@ struct HingeSumPolicy {
   // A copy of the anchor's caption (or image) scores S_ii exactly: its hinge at margin 0 is
   // exactly 0 and inactive only if S_ii is the value the tiles hold.
   static constexpr bool kPositiveFromTiles = true;
+  static constexpr int kAnchors = kBothAnchors;
   static constexpr bool kSameLabelTerms = false;
   static constexpr int64_t kSavedWidth = 2;
   T margin;

@@ -23,6 +23,7 @@ struct UnifiedPolicy {
   using State = LogSumExp<T>;
   // Smooth in S_ii: the row-wise dot serves (engine_driver.h dense_positives).
   static constexpr bool kPositiveFromTiles = false;
+  static constexpr int kAnchors = kBothAnchors;
   static constexpr bool kSameLabelTerms = false;
   static constexpr int64_t kSavedWidth = 3;
   T scale;

@@ -24,11 +24,8 @@ Horovod is not supported.
 ``SigLipLoss()(image_features, text_features, logit_scale, logit_bias)`` is open_clip's
 ``−Σ_ij log σ(z_ij (t·S_ij + b)) / n`` (:func:`vse_cuda.siglip_loss`). Distributed, open_clip
 passes the text features around the ranks (``dist_impl`` bidir / shift / reduce / gather, all
-the same numbers) and each rank returns its own images' terms over its n; here each rank returns
-its rows' and columns' halves over n (vse_cuda's exact exchange). The ranks' losses sum to the
-same total and every rank's feature gradients are the same (each rank's features get the
-gradient of the sum, in open_clip through the autograd of its exchange); logit_scale's and
-logit_bias's gradients agree summed over the ranks, which is what DDP's averaging sees.
+the same numbers) and each rank returns its own images' terms against every rank's texts over
+its n; so does vse_cuda's exchange (a gather of both sides), with the same gradients.
 """
 
 from __future__ import annotations

@@ -46,8 +46,8 @@ def siglip_loss(
 
     with t = ``scale``, b = ``bias`` and z_ij = +1 for the pairs (i, i) and, with ``labels``,
     every pair (i, j) with ``labels[i] == labels[j]``, else −1. Each term is evaluated stably
-    (softplus from e^{−|x|}). The N×N logits are never stored: each row and each column
-    anchor keeps half of its terms (O(N) state), and the backward recomputes S tile by tile.
+    (softplus from e^{−|x|}). The N×N logits are never stored: each row keeps the sum of its
+    terms (O(N) state), and the backward recomputes S tile by tile.
 
     Gradients with respect to img, txt and, when they are tensors that require grad, t and b:
     ``∂L/∂t = Σ_ij S_ij ∂L/∂u_ij``, ``∂L/∂b = Σ_ij ∂L/∂u_ij`` with ``∂L/∂u_ij = −z_ij σ(−z_ij u_ij)``,
@@ -63,8 +63,9 @@ def siglip_loss(
         normalize: L2-normalize img and txt first (``F.normalize``).
         reduction: "mean" (sum / N, open_clip's SigLipLoss; the default) or "sum".
         group: a ``torch.distributed`` process group: every rank's pairs enter, each rank's
-            loss holds the terms of its own rows and columns, halved, so the sum over ranks is
-            the loss of the concatenated batch, gradients included (see :mod:`vse_cuda.distributed`).
+            loss holds the terms of its own rows (its images against every rank's captions), so
+            the sum over ranks is the loss of the concatenated batch, gradients included (see
+            :mod:`vse_cuda.distributed`).
         chunk_size: rows of S per chunk (default: from the memory budget).
 
     Returns:
