@@ -29,7 +29,7 @@ instead of reusing heap pages the warm-up freed), then ``--repeats`` steps, each
   kernel's high-water mark is reset first, ``_harness._PeakRSS``), the largest over steps and
   ranks. The shards, the gathered embeddings and the gradients count for both methods.
 - **sent MiB**: bytes one rank sends per step, analytic (fp32, payload only, assuming gloo's
-  ring all-gather and ring all-reduce): see :func:`bytes_sent_per_rank`.
+  ring all-gather and ring reduce-scatter): see :func:`bytes_sent_per_rank`.
 - **check**: the sum of the ranks' losses, ours against the baseline (relative difference)
   and, at the smallest n of every (world, D, loss), against the single-process oracle
   ``vse_cuda.reference`` on the whole batch in float64; the concatenated gradients, ours
@@ -207,14 +207,14 @@ def measure_rank(rank: int, request: dict[str, Any], out: Path) -> dict[str, Any
 def bytes_sent_per_rank(method: str, world: int, n: int, dim: int, itemsize: int = 4) -> int:
     """Payload one rank sends per step. Forward, both: all_gather of img and txt, the rank's
     [n, D] block to each of the W−1 others, 2(W−1)·nD·4. Backward, ours: gather_with_grad
-    all-reduces each [N, D] gradient, 2(W−1)/W·ND·4 per tensor for a ring, so 4(W−1)·nD·4,
+    reduce-scatters each [N, D] gradient, (W−1)/W·ND·4 per tensor for a ring, so 2(W−1)·nD·4,
     plus the shape checks (SHAPE_CHECK_BYTES per peer). Backward, baseline: the all-to-all of
-    the gradient blocks, (W−1)·nD·4 per tensor, 2(W−1)·nD·4. In all: ours 24(W−1)nD + 152(W−1)
+    the gradient blocks, (W−1)·nD·4 per tensor, 2(W−1)·nD·4. In all: ours 16(W−1)nD + 152(W−1)
     bytes, baseline 16(W−1)nD bytes."""
     block = (world - 1) * n * dim * itemsize
     forward = 2 * block
     if method == "ours":
-        return forward + 4 * block + SHAPE_CHECK_BYTES * (world - 1)
+        return forward + 2 * block + SHAPE_CHECK_BYTES * (world - 1)
     return forward + 2 * block
 
 
@@ -476,8 +476,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         "**time ÷, CPU ÷, mem ÷**: baseline ÷ ours (> 1: ours faster / smaller); CPU s is the median over steps of "
         "the largest rank's process CPU time, which excludes waiting for other ranks and for the cores other jobs "
         "hold, so on this shared machine CPU ÷ is the steadier compute comparison. **sent MiB/rank**: analytic "
-        "payload one rank sends per step in fp32, assuming ring all-gather / all-reduce: ours 24(W−1)·n·D + 152(W−1) "
-        "bytes (all_gather of img and txt forward, all-reduce of the two [N, D] gradients backward, shape "
+        "payload one rank sends per step in fp32, assuming ring all-gather / reduce-scatter: ours 16(W−1)·n·D + 152(W−1) "
+        "bytes (all_gather of img and txt forward, reduce-scatter of the two [N, D] gradients backward, shape "
         "checks), baseline 16(W−1)·n·D bytes (all_gather forward, all-to-all of the gradient blocks "
         "backward). **Δ**: relative differences of the summed losses and of the concatenated gradients "
         "(‖Δ‖/‖g‖), ours vs baseline; vs oracle: against single-process `vse_cuda.reference` in float64 "

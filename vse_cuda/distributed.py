@@ -52,8 +52,9 @@ class Shard:
 def gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """All ranks' ``x`` concatenated in rank order, ``[N_global, ...]``, differentiable.
 
-    The backward all-reduces (sums) the gradient of the gathered tensor over the group and
-    returns this rank's rows, so when every rank computes its loss from the gathered tensor,
+    The backward reduce-scatters (sums) the gradient of the gathered tensor over the group,
+    each rank receiving its own rows (half the bytes of an all-reduce of the whole gradient),
+    so when every rank computes its loss from the gathered tensor,
     each rank's ``x`` receives the gradient of the *sum* of all ranks' losses — the
     single-process gradient of its shard. Shards may differ in their first dimension; the
     other dimensions, the dtype and the device type must match on every rank.
@@ -126,9 +127,21 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        return total[ctx.shard.begin: ctx.shard.end], None, None
+        return reduce_scatter(grad, ctx.shard, ctx.group), None, None
+
+
+def reduce_scatter(x: torch.Tensor, shard: Shard, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's rows of the sum over the group of every rank's ``x`` ([N_global, ...]): a
+    reduce-scatter, half the bytes of an all-reduce, as every rank needs only its own rows.
+    Shards are padded to the largest (as :func:`gather` pads them), so one uniform collective
+    serves uneven shards on every backend."""
+    largest, world = max(shard.sizes), len(shard.sizes)
+    padded = x.new_zeros((world * largest, *x.shape[1:]))
+    for r, rows in enumerate(x.split(list(shard.sizes))):
+        padded[r * largest: r * largest + rows.size(0)] = rows
+    out = x.new_empty((largest, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=group)
+    return out[: shard.sizes[shard.rank]]
 
 
 def _rank_in(group: dist.ProcessGroup | None) -> int:
