@@ -210,10 +210,11 @@ def test_memory_stays_within_chunks():
     (lambda x: vse_cuda.siglip_loss(x, x[:3], 10.0, 0.0), ValueError, "txt has N=3"),
     (lambda x: vse_cuda.siglip_loss(x, x, 10.0, 0.0, reduction="none"), ValueError, "reduction"),
     (lambda x: vse_cuda.siglip_loss(x, x, 10.0, 0.0, labels=torch.zeros(4)), TypeError, "labels"),
-    (lambda x: vse_cuda.SigLipLoss(init_scale=-1.0), ValueError, "scale must be > 0"),
+    (lambda x: vse_cuda.SigLipLoss(init_scale=-1.0), ValueError, "init_scale must be > 0"),
+    (lambda x: vse_cuda.SigLipLoss(init_bias=float("inf")), ValueError, "init_bias must be finite"),
     (lambda x: vse_cuda.SigLipLoss(reduction="avg"), ValueError, "reduction"),
 ], ids=["scale-zero", "bias-nan", "scale-1d", "bias-int-tensor", "bias-str", "unpaired", "reduction",
-        "labels-float", "module-scale", "module-reduction"])
+        "labels-float", "module-scale", "module-bias", "module-reduction"])
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(4, 5))

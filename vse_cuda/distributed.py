@@ -119,6 +119,11 @@ def gather(x: torch.Tensor, shard: Shard, group: dist.ProcessGroup | None) -> to
     return torch.cat([piece[:size] for piece, size in zip(pieces, shard.sizes)])
 
 
+#: One uniform reduce-scatter: ``reduce_scatter_single`` where torch has it (2.14 deprecates
+#: ``reduce_scatter_tensor`` for it), else ``reduce_scatter_tensor`` (older releases, e.g. 2.11).
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, shard: Shard, group) -> torch.Tensor:
@@ -140,7 +145,7 @@ def reduce_scatter(x: torch.Tensor, shard: Shard, group: dist.ProcessGroup | Non
     for r, rows in enumerate(x.split(list(shard.sizes))):
         padded[r * largest: r * largest + rows.size(0)] = rows
     out = x.new_empty((largest, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=group)
+    _REDUCE_SCATTER(out, padded, op=dist.ReduceOp.SUM, group=group)
     return out[: shard.sizes[shard.rank]]
 
 

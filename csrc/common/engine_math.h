@@ -81,11 +81,12 @@ VSE_HOST_DEVICE T softplus(T y) {
   return y > T(0) ? y + math::log1p(math::exp(-y)) : math::log1p(math::exp(y));
 }
 
-// Running log Σ e^x_k with an online maximum, and, for terms added with a second value d_k,
-// beside it the softmax-weighted sum of d: weighted / sum = Σ e^x_k d_k / Σ e^x_k (the unified
-// loss's d_k = x_k / γ gives ∂/∂γ this way, common/unified.h; add(x) leaves weighted at 0). It starts empty (sum 0, max the lowest finite
-// value: no ±inf fill); a NaN term makes it NaN. `merge` combines two partial states (e.g. one
-// column's state over two row chunks), in the caller's fixed order.
+// Running log Σ e^x_k with an online maximum and, for terms added with a second value d_k,
+// the softmax-weighted sum of d beside it: weighted / sum = Σ e^x_k d_k / Σ e^x_k (the unified
+// loss's d_k = x_k / γ gives ∂/∂γ this way, common/unified.h; add(x) leaves weighted at 0).
+// It starts empty (sum 0, max the lowest finite value: no ±inf fill); a NaN term makes it NaN.
+// `merge` combines two partial states (e.g. one column's state over two row chunks), in the
+// caller's fixed order.
 template <typename T>
 struct LogSumExp {
   T max = std::numeric_limits<T>::lowest();
@@ -142,9 +143,9 @@ struct LogSumExp {
 enum Directions : int { kRowAnchors = 1, kColumnAnchors = 2, kBothAnchors = kRowAnchors | kColumnAnchors };
 
 // ∂L/∂S_ij of a dense loss (per unit of ∂/∂loss) from the saved values of row anchor i and
-// column anchor j = key (row_saved, col_saved: Policy::kSavedWidth values per anchor): the two anchors'
-// weights for a valid negative, their diagonal terms on the diagonal, their same-label weights
-// on a same-label pair (kSameLabelTerms), 0 elsewhere; only the
+// column anchor j = key (row_saved, col_saved: Policy::kSavedWidth values per anchor): the two
+// anchors' weights for a valid negative, their diagonal terms on the diagonal, their same-label
+// weights on a same-label pair (kSameLabelTerms), 0 elsewhere; only the
 // anchors of `directions` count.
 template <typename Policy, typename T>
 VSE_HOST_DEVICE T dense_entry_gradient(const Policy& policy, const int64_t* labels, int64_t i, int64_t key, T score,

@@ -19,11 +19,11 @@ __all__ = ["SigLipLoss", "siglip_loss"]
 Scalar = float | torch.Tensor
 
 
-def _check_options(scale, bias, normalize, reduction, group, chunk_size, device=None):
+def _check_options(scale, bias, normalize, reduction, group, chunk_size, device=None, names=("scale", "bias")):
     """siglip_loss's options, checked (per call, or at SigLipLoss's construction, where the
-    inputs' device is not known yet); tensors stay tensors."""
-    scale = check_scalar_tensor("scale", scale, device=device, positive=True)
-    bias = check_scalar_tensor("bias", bias, device=device)
+    inputs' device is not known yet and the first two are named ``names``); tensors stay tensors."""
+    scale = check_scalar_tensor(names[0], scale, device=device, positive=True)
+    bias = check_scalar_tensor(names[1], bias, device=device)
     normalize, reduction, group, chunk_size = _engine.check_engine_options(normalize, reduction, group, chunk_size)
     return scale, bias, normalize, reduction, group, chunk_size
 
@@ -97,7 +97,7 @@ class SigLipLoss(nn.Module):
                  normalize: bool = False, reduction: str = "mean", group=None, chunk_size: int | None = None):
         super().__init__()
         init_scale, init_bias, self.normalize, self.reduction, self.group, self.chunk_size = _check_options(
-            init_scale, init_bias, normalize, reduction, group, chunk_size)
+            init_scale, init_bias, normalize, reduction, group, chunk_size, names=("init_scale", "init_bias"))
         log_scale = torch.tensor(float(init_scale)).log()
         bias = torch.tensor(float(init_bias))
         if learnable:
