@@ -106,6 +106,12 @@ def _normalized(normalize: bool, *embeddings: torch.Tensor) -> tuple[torch.Tenso
     return embeddings
 
 
+def scalar_tensor(value: float | torch.Tensor) -> torch.Tensor:
+    """An op's 0-dim tensor option (a learnable scale or bias): a tensor as given, so autograd
+    reaches it; a number as a CPU float64 tensor (exact)."""
+    return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the engine accumulates in (and returns its loss and saved state in)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,6 +1,6 @@
 """SigLIP's sigmoid loss (spec §8.2): one binary term per pair of the batch.
 
-Its pieces, by name: csrc/common/siglip.h (each anchor's half of its terms),
+Its pieces, by name: csrc/common/siglip.h (each row's sum of its terms),
 csrc/common/siglip_op.h (siglip_forward / siglip_backward on the engine),
 csrc/cpu/siglip.cpp, csrc/cuda/siglip.cu, the schemas in csrc/ops.cpp; tested by
 python_tests/test_siglip.py; benchmarked by benchmarks/bench_losses.py (variant siglip).
@@ -76,14 +76,9 @@ def siglip_loss(
         scale, bias, normalize, reduction, group, chunk_size, img.device)
     labels = check_labels("labels", labels, n, img.device)
     batch = _engine.gather((img, txt), labels, group, normalize, chunk_size)
-    total = batch.ops.siglip_forward(*batch.embeddings, batch.labels, _as_tensor(scale), _as_tensor(bias),
-                                     *batch.tiles)[0]
+    scale, bias = _engine.scalar_tensor(scale), _engine.scalar_tensor(bias)
+    total = batch.ops.siglip_forward(*batch.embeddings, batch.labels, scale, bias, *batch.tiles)[0]
     return batch.reduce(total, reduction)
-
-
-def _as_tensor(value: Scalar) -> torch.Tensor:
-    """The op's 0-dim option: a tensor as given, a number as a CPU float64 tensor (exact)."""
-    return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
 
 
 class SigLipLoss(nn.Module):

@@ -85,14 +85,9 @@ def unified_loss(
     batch = _engine.gather((img, txt), labels, group, normalize, chunk_size)
     # ∂L/∂γ costs the forward about a tenth more: computed only for a scale that will get it.
     learns_scale = isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled()
-    total = batch.ops.unified_forward(*batch.embeddings, batch.labels, _as_tensor(scale), margin, learns_scale,
-                                      *batch.tiles)[0]
+    total = batch.ops.unified_forward(*batch.embeddings, batch.labels, _engine.scalar_tensor(scale), margin,
+                                      learns_scale, *batch.tiles)[0]
     return batch.reduce(total, reduction)
-
-
-def _as_tensor(scale: Scale) -> torch.Tensor:
-    """The op's 0-dim scale: a tensor as given, a number as a CPU float64 tensor (exact)."""
-    return scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float64)
 
 
 class UnifiedLoss(nn.Module):
