@@ -15,7 +15,8 @@ each (method, configuration) in a fresh process through ``_harness.run_isolated`
 - ``gemm_floor_tiled`` (the N=131072 configuration, where S would need 64 GiB): the same GEMM
   in the engine's tiles (``plan_chunks``), ``torch.mm`` into one preallocated, touched tile;
 - ``vse_cuda``: the fused op (``vse_cuda.triplet_loss`` etc., default memory budget);
-- ``oracle``: ``vse_cuda.reference.<loss>``, the materialized eager PyTorch oracle;
+- ``oracle``: ``vse_cuda.reference.<loss>``, the materialized eager PyTorch oracle (for
+  ``unified_label_positives``, whose oracle is N³, the O(N²) eager form ``eager_label_positives``);
 - ``pml_triplet_bh`` (beside triplet hardest): pytorch-metric-learning
   ``TripletMarginLoss(margin=0.2)`` with ``miners.BatchHardMiner()``, and ``pml_ntxent``
   (beside unified, which runs with margin=0, scale=20 = 1/0.05): ``NTXentLoss(temperature=0.05)``,
@@ -81,6 +82,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
                               "inputs": 2, "dense": True, "peer": None},
     "siglip": {"fn": "siglip_loss", "kwargs": {"scale": 10.0, "bias": -10.0}, "inputs": 2, "dense": True,
                "peer": None},
+    # Five captions per image as positives (labels = arange(N) // 5). The oracle materializes
+    # N × N × N, so the eager baseline is the O(N²) form a user would write (eager_label_positives).
+    "unified_label_positives": {"fn": "unified_loss", "kwargs": {"scale": 20.0, "margin": 0.0,
+                                                                 "label_positives": True},
+                                "inputs": 2, "dense": True, "peer": None, "captions_per_image": 5,
+                                "eager": "eager_label_positives"},
     "quintuplet": {"fn": "quintuplet_loss", "kwargs": {}, "inputs": 6, "dense": False, "peer": None},
     "goal_nca_sigms": {"fn": "goal_loss", "kwargs": {"triplet_weight": "nca", "pair_weight": "sig_ms"},
                        "inputs": 2, "dense": False, "peer": None},
@@ -88,7 +95,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "inputs": 2, "dense": False, "peer": None},
 }
 #: Variants also measured in bfloat16 (DESIGN §8 grid); the others run in float32 only.
-BF16_VARIANTS = ("triplet_hardest", "unified", "unified_learned_scale", "siglip")
+BF16_VARIANTS = ("triplet_hardest", "unified", "unified_learned_scale", "siglip", "unified_label_positives")
 PEERS = ("pml_triplet_bh", "pml_ntxent")
 METHODS = ("gemm_floor", "vse_cuda", "oracle", "peer")
 PEER_NOTES = {
@@ -137,6 +144,27 @@ def make_inputs(n: int, dim: int, count: int, dtype: str, seed: int, grad: bool 
     return out
 
 
+def eager_label_positives(img: torch.Tensor, txt: torch.Tensor, *, scale: float, margin: float,
+                          labels: torch.Tensor, label_positives: bool) -> torch.Tensor:
+    """unified_loss(label_positives=True) in eager PyTorch with O(N²) memory: per anchor the
+    log-sum-exp Λ_i over its negatives, then the mean over its positives p of
+    softplus(Λ_i + γ(S_ii − S_ip)) (csrc/common/unified.h derives it)."""
+    assert label_positives
+    S = img @ txt.T
+    same = labels[:, None] == labels[None, :]
+
+    def direction(S: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        positive = S.diagonal()[:, None]
+        lse = torch.logsumexp((scale * (S - positive + margin)).masked_fill(same, float("-inf")), dim=1)
+        terms = torch.nn.functional.softplus(lse[:, None] + scale * (positive - S)).masked_fill(~same, 0.0)
+        return (terms.sum(1) / same.sum(1)).sum()
+
+    return direction(S, same) + direction(S.T, same.T)
+
+
+EAGER = {"eager_label_positives": eager_label_positives}
+
+
 def loss_function(method: str, variant: str) -> Callable[..., torch.Tensor]:
     """``f(*inputs) -> loss`` of ``method`` for ``variant``."""
     spec = VARIANTS[variant]
@@ -146,6 +174,11 @@ def loss_function(method: str, variant: str) -> Callable[..., torch.Tensor]:
 
         module = vse_cuda if method == "vse_cuda" else vse_cuda.reference
         fn, kwargs = getattr(module, spec["fn"]), spec["kwargs"]
+        if method == "oracle" and "eager" in spec:
+            fn = EAGER[spec["eager"]]
+        if "captions_per_image" in spec:
+            per_image = spec["captions_per_image"]
+            return lambda *xs: fn(*xs, labels=torch.arange(xs[0].shape[0]) // per_image, **kwargs)
         return lambda *xs: fn(*xs, **kwargs)
     if method == "pml_triplet_bh":
         from pytorch_metric_learning import losses, miners
@@ -608,6 +641,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, args: argparse.Namesp
         if not vrows:
             continue
         kwargs = ", ".join(f"{k}={v!r}" for k, v in VARIANTS[variant]["kwargs"].items())
+        if "captions_per_image" in VARIANTS[variant]:
+            kwargs += f", labels=arange(N) // {VARIANTS[variant]['captions_per_image']}"
         lines += ["", f"## {variant} (`{VARIANTS[variant]['fn']}({kwargs})`)", ""] + table(
             ["N", "D", "dtype", "method", "seconds", "× GEMM", "× fused", "CPU s", "extra MiB", "mem ÷ fused",
              "work ÷ fused", "check Δloss / Δgrad", "calls", "load", "status"], "rrllrrrrrrrlrrl",

@@ -34,11 +34,11 @@ TORCH_LIBRARY(VSE_OPS_NAMESPACE, m) {
   // per row / column anchor; with scale_grad the last output is ∂loss/∂scale (0-dim), else 0.
   m.def(
       "unified_forward(Tensor img, Tensor txt, Tensor labels, Tensor scale, float margin, bool scale_grad, "
-      "int anchor_begin, int anchor_end, int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, "
+      "bool label_positives, int anchor_begin, int anchor_end, int row_chunk, int col_chunk) -> (Tensor loss, Tensor row_saved, "
       "Tensor col_saved, Tensor d_scale)");
   m.def(
       "unified_backward(Tensor grad, Tensor img, Tensor txt, Tensor labels, Tensor scale, float margin, "
-      "Tensor row_saved, Tensor col_saved, int anchor_begin, int anchor_end, int row_chunk, "
+      "bool label_positives, Tensor row_saved, Tensor col_saved, int anchor_begin, int anchor_end, int row_chunk, "
       "int col_chunk) -> (Tensor grad_img, Tensor grad_txt)");
   // SigLIP loss (spec §8.2): scale and bias 0-dim floating tensors (read as doubles), saved
   // [N, 3] per row / column anchor; d_scale, d_bias = ∂loss/∂scale, ∂loss/∂bias (0-dim).

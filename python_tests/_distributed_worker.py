@@ -39,6 +39,9 @@ def cases() -> dict[str, tuple]:
     for name, (fn, options, arity) in losses.items():
         out[name] = (fn, options, False, arity)
         out[name + "_labels_mean_normalize"] = (fn, dict(options, reduction="mean", normalize=True), True, arity)
+    # Positives from labels need labels: a labelled case only, with a learnable scale.
+    out["unified_label_positives"] = (vse_cuda.unified_loss, dict(scale=torch.tensor(10.0, dtype=torch.float64),
+                                                                  margin=0.1, label_positives=True), True, 2)
     return out
 
 

@@ -288,9 +288,10 @@ UNIFIED = LossCase(
     variants={
         "non_contiguous": [("", {})],
         "single_pair": [("", {})],
-        "deterministic": [("", {})],
-        "simt_workers": [("", {})],
-        "compile": [("", dict(scale=10.0, normalize=True, reduction="mean"))],
+        "deterministic": [("", {}), ("label_positives", dict(label_positives=True))],
+        "simt_workers": [("", {}), ("label_positives", dict(label_positives=True))],
+        "compile": [("", dict(scale=10.0, normalize=True, reduction="mean")),
+                    ("label_positives", dict(scale=10.0, reduction="mean", label_positives=True))],
     },
 )
 

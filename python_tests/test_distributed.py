@@ -32,8 +32,10 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 
 def op_loss(name: str, ops, inputs, labels, begin: int, end: int):
     img, txt = inputs[:2]
-    if name == "unified":
-        return ops.unified_forward(img, txt, labels, torch.tensor(10.0), 0.2, False, begin, end, 4, 6)[0]
+    if name.startswith("unified"):
+        label_positives = name == "unified_label_positives"
+        return ops.unified_forward(img, txt, labels, torch.tensor(10.0), 0.2, False, label_positives, begin, end, 4,
+                                   6)[0]
     if name == "quintuplet":
         return ops.quintuplet_forward(*inputs, labels, 0.2, 0.1, 0.3, 1.5, False, begin, end, 4, 6)[0]
     if name.startswith("goal"):
@@ -43,9 +45,10 @@ def op_loss(name: str, ops, inputs, labels, begin: int, end: int):
     return ops.triplet_forward(img, txt, labels, 0.2, mining, k, begin, end, 4, 6)[0]
 
 
-@pytest.mark.parametrize("labelled", [False, True])
-@pytest.mark.parametrize("name", ["triplet_hardest", "triplet_all", "triplet_topk", "unified", "quintuplet",
-                                  "goal_sig_ms", "goal_lin_ms"])
+@pytest.mark.parametrize("name,labelled", [
+    *((name, labelled) for name in ("triplet_hardest", "triplet_all", "triplet_topk", "unified", "quintuplet",
+                                    "goal_sig_ms", "goal_lin_ms") for labelled in (False, True)),
+    ("unified_label_positives", True)])
 def test_anchor_ranges_partition_the_loss(backend, on_backend, name, labelled):
     # [0, 5) + [5, 5) + [5, 13) + [13, 23) with tiles of 4 × 6 (neither divides a range).
     inputs = random_inputs(23, 5, seed=4, count=6)

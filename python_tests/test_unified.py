@@ -92,7 +92,7 @@ def test_column_tiles(backend, device, on_backend):
 
     def via_op(a, b):
         with on_backend():
-            return vse_cuda._lib.ops(a, b).unified_forward(a, b, labels, _scale(20.0), 0.2, False, 0, 23, 5, 7)[0]
+            return vse_cuda._lib.ops(a, b).unified_forward(a, b, labels, _scale(20.0), 0.2, False, False, 0, 23, 5, 7)[0]
 
     loss, grads = loss_and_grads(via_op, img, txt)
     want_loss, want_grads = loss_and_grads(oracle(labels=labels), img, txt)
@@ -141,10 +141,10 @@ def test_opcheck(backend, device, on_backend, labelled, anchors):
     (img, txt), labels, op = opcheck_setup(device, on_backend, labelled)
     # A learnable scale on the inputs' device: the op's autograd gives it a gradient too.
     scale = torch.tensor(20.0, dtype=img.dtype, device=device, requires_grad=True)
-    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, scale, 0.2, True, *anchors, 4, 6))
-    _, *saved, _ = op.unified_forward(img.detach(), txt.detach(), labels, scale.detach(), 0.2, True, *anchors, 4, 6)
+    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, scale, 0.2, True, False, *anchors, 4, 6))
+    _, *saved, _ = op.unified_forward(img.detach(), txt.detach(), labels, scale.detach(), 0.2, True, False, *anchors, 4, 6)
     torch.library.opcheck(op.unified_backward.default, (torch.tensor(0.5, device=device), img.detach(), txt.detach(),
-                                                        labels, scale.detach(), 0.2, *saved, *anchors, 4, 6))
+                                                        labels, scale.detach(), 0.2, False, *saved, *anchors, 4, 6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -156,8 +156,8 @@ def test_simt_kernels_match_the_cpu_kernels(dtype):
     grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     results = []
     for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
-        forward = ops.unified_forward(img, txt, labels, _scale(5.0), 0.2, True, 0, 75, 16, 24)
-        backward = ops.unified_backward(grad, img, txt, labels, _scale(5.0), 0.2, *forward[1:3], 0, 75, 16, 24)
+        forward = ops.unified_forward(img, txt, labels, _scale(5.0), 0.2, True, False, 0, 75, 16, 24)
+        backward = ops.unified_backward(grad, img, txt, labels, _scale(5.0), 0.2, False, *forward[1:3], 0, 75, 16, 24)
         results.append(forward + backward)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     for got, want in zip(*reversed(results)):
@@ -386,6 +386,164 @@ def test_op_without_scale_grad_refuses_a_scale_that_requires_grad():
     img, txt = random_inputs(5, 3, seed=0)
     scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
     loss = torch.ops.vse_cuda.unified_forward(img, txt, torch.empty(0, dtype=torch.int64), scale, 0.2, False,
-                                              0, 5, 4, 4)[0]
+                                              False, 0, 5, 4, 4)[0]
     with pytest.raises(RuntimeError, match="scale_grad=False"):
         loss.backward()
+
+
+# ------------------------------------------------ positives from labels (spec §8.3)
+
+POSITIVE_LABEL_KINDS = ("random", "pairs", "same")
+POSITIVE_SIZES = [(n, d) for n in (1, 2, 3, 17, 48) for d in (1, 5)]
+POSITIVE_SIMT_SIZES = [(1, 1), (3, 5), (17, 1), (48, 5)]
+
+
+def positives_loss(on_backend, **options):
+    """unified_loss(..., label_positives=True) with a tensor scale as its third input."""
+    return ours_scaled(on_backend, label_positives=True, **options)
+
+
+def positives_oracle(**options):
+    return oracle_scaled(label_positives=True, **options)
+
+
+@pytest.mark.parametrize("scale,margin", [(0.5, 0.2), (20.0, 0.0), (1000.0, 0.1)])
+@pytest.mark.parametrize("label_kind", POSITIVE_LABEL_KINDS)
+@pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, POSITIVE_SIZES, POSITIVE_SIMT_SIZES))
+def test_label_positives_match_oracle_float64(backend, device, on_backend, n, d, label_kind, scale, margin):
+    img, txt = (x.to(device) for x in random_inputs(n, d, seed=7 * n + d))
+    gamma = torch.tensor(scale, dtype=torch.float64, device=device)
+    labels = make_labels(label_kind, n, seed=n, device=device)
+    for normalize, reduction, chunks in oracle_grid(n):
+        options = dict(margin=margin, labels=labels, normalize=normalize, reduction=reduction)
+        want_loss, want_grads = loss_and_grads(positives_oracle(**options), img, txt, gamma)
+        for chunk in chunks:
+            loss, grads = loss_and_grads(positives_loss(on_backend, chunk_size=chunk, **options), img, txt, gamma)
+            case = f"normalize={normalize} reduction={reduction} chunk={chunk}"
+            assert_close(loss, want_loss, torch.float64, f"loss, {case}")
+            for what, got, want in zip(("d img", "d txt", "d scale"), grads, want_grads):
+                assert_close(got, want, torch.float64, f"{what}, {case}", float(want_loss.abs()) / n)
+
+
+def test_label_positives_with_unique_labels_is_the_unified_loss(backend, device, on_backend):
+    # P(i) = {i}: the same terms, summed the same way (bitwise), and gradients up to rounding.
+    img, txt = (x.to(device) for x in random_inputs(41, 6, seed=4))
+    labels = torch.arange(41, device=device)
+    gamma = torch.tensor(15.0, dtype=torch.float64, device=device)
+    plain = loss_and_grads(ours_scaled(on_backend, labels=labels, chunk_size=9), img, txt, gamma)
+    positives = loss_and_grads(positives_loss(on_backend, labels=labels, chunk_size=9), img, txt, gamma)
+    assert torch.equal(plain[0], positives[0])
+    for got, want in zip(positives[1], plain[1]):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_label_positives_count_same_label_pairs_instead_of_masking_them(backend, device, on_backend):
+    # Two captions of one image: masking ignores the pair (0, 1); as positives it has a
+    # gradient pulling them together, and the loss differs.
+    img, txt = (x.to(device) for x in random_inputs(6, 4, seed=8))
+    labels = torch.tensor([0, 0, 1, 2, 3, 4], device=device)
+    gamma = torch.tensor(5.0, dtype=torch.float64, device=device)
+    masked = loss_and_grads(ours_scaled(on_backend, labels=labels), img, txt, gamma)
+    positives = loss_and_grads(positives_loss(on_backend, labels=labels), img, txt, gamma)
+    assert not torch.equal(masked[0], positives[0])
+    # Row anchor 0's term depends on S_01 = ⟨img_0, txt_1⟩ only as a positive.
+    assert positives[1][1][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_label_positives_of_half_inputs(backend, device, on_backend, dtype):
+    # Tiles are float32 GEMMs of the inputs as given: compared with the float64 oracle on the
+    # same rounded inputs, with float32's tolerance.
+    img, txt = (F.normalize(x, dim=1).to(device, dtype) for x in random_inputs(45, 16, seed=6))
+    labels = make_labels("pairs", 45, device=device)
+    gamma = torch.tensor(30.0, device=device)
+    options = dict(margin=0.1, labels=labels, reduction="mean")
+    want_loss, want_grads = loss_and_grads(positives_oracle(**options), img.double(), txt.double(), gamma.double())
+    loss, grads = loss_and_grads(positives_loss(on_backend, chunk_size=16, **options), img, txt, gamma)
+    assert loss.dtype == dtype and grads[0].dtype == dtype and grads[2].dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, rtol=TOL[dtype], atol=TOL[dtype])
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e6, 1e10])
+def test_label_positives_at_large_scales(backend, device, on_backend, scale):
+    # Entries on a grid make every S exact in any summation order, so each γ(S_ij − S_ip + m) is
+    # exact too. What rounds is each log-sum-exp, of size γ: eps·γ in every exponent, the
+    # oracle's too. float64 must stay within that, float32 within twice the float32 oracle's error.
+    n = 24
+    img, txt = (x.to(device) for x in grid_inputs(n, 6, seed=3))
+    labels = make_labels("pairs", n, device=device)
+    gamma = torch.tensor(scale, dtype=torch.float64, device=device)
+    options = dict(margin=0.125, labels=labels)
+    want_loss, want_grads = loss_and_grads(positives_oracle(**options), img, txt, gamma)
+    _, grads32_oracle = loss_and_grads(positives_oracle(**options), img.float(), txt.float(), gamma.float())
+    tol = max(1e-12, 4 * torch.finfo(torch.float64).eps * scale)
+    for chunk in chunk_options(n):
+        loss, grads = loss_and_grads(positives_loss(on_backend, chunk_size=chunk, **options), img, txt, gamma)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0.0, msg=f"chunk={chunk}")
+        for got, want in zip(grads, want_grads):
+            assert _relative_error(got, want) <= tol, f"chunk={chunk}"
+        _, grads32 = loss_and_grads(positives_loss(on_backend, chunk_size=chunk, **options), img.float(),
+                                    txt.float(), gamma.float())
+        for got, oracle32, want in zip(grads32, grads32_oracle, want_grads):
+            assert bool(torch.isfinite(got).all())
+            assert _relative_error(got, want) <= 2 * _relative_error(oracle32, want) + 1e-6, f"chunk={chunk}"
+
+
+def test_label_positives_gradcheck(backend, device, on_backend):
+    img, txt = (x.to(device).requires_grad_() for x in random_inputs(7, 4, seed=3))
+    gamma = torch.tensor(3.0, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 3, 3, 3], device=device)
+    fn = positives_loss(on_backend, labels=labels, normalize=True, chunk_size=3)
+    assert torch.autograd.gradcheck(fn, (img, txt, gamma))
+
+
+@pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
+def test_label_positives_opcheck(backend, device, on_backend, anchors):
+    (img, txt), labels, op = opcheck_setup(device, on_backend, True)
+    scale = torch.tensor(20.0, dtype=img.dtype, device=device, requires_grad=True)
+    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, scale, 0.2, True, True, *anchors, 4, 6))
+    _, *saved, _ = op.unified_forward(img.detach(), txt.detach(), labels, scale.detach(), 0.2, True, True, *anchors, 4, 6)
+    assert saved[0].shape == (img.size(0), 5)
+    torch.library.opcheck(op.unified_backward.default, (torch.tensor(0.5, device=device), img.detach(), txt.detach(),
+                                                        labels, scale.detach(), 0.2, True, *saved, *anchors, 4, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_label_positives_simt_kernels_match_the_cpu_kernels(dtype):
+    img, txt = random_inputs(75, 16, dtype, seed=12)
+    labels = make_labels("pairs", 75)
+    grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    results = []
+    for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
+        forward = ops.unified_forward(img, txt, labels, _scale(5.0), 0.2, True, True, 0, 75, 16, 24)
+        backward = ops.unified_backward(grad, img, txt, labels, _scale(5.0), 0.2, True, *forward[1:3], 0, 75, 16, 24)
+        results.append(forward + backward)
+    # Within the dtype's tolerance relative to each output's largest entry (the backends' GEMMs
+    # round S differently).
+    for got, want in zip(*reversed(results)):
+        assert got.shape == want.shape
+        assert_close(got, want, dtype, tol=1e-12 if dtype == torch.float64 else None)
+
+
+def test_label_positives_need_labels(backend, device, on_backend):
+    img, txt = (x.to(device) for x in random_inputs(4, 3, seed=0))
+    with on_backend(), pytest.raises(ValueError, match="label_positives=True needs labels"):
+        vse_cuda.unified_loss(img, txt, label_positives=True)
+    with pytest.raises(TypeError, match="label_positives"):
+        vse_cuda.UnifiedLoss(label_positives="yes")
+    with pytest.raises(RuntimeError, match="label_positives needs labels"):
+        torch.ops.vse_cuda.unified_forward(img.cpu(), txt.cpu(), torch.empty(0, dtype=torch.int64), _scale(2.0), 0.2,
+                                           False, True, 0, 4, 4, 4)
+
+
+def test_label_positives_module(backend, device, on_backend):
+    img, txt = (x.to(device) for x in random_inputs(12, 4, seed=5))
+    labels = make_labels("pairs", 12, device=device)
+    module = vse_cuda.UnifiedLoss(scale=7.0, margin=0.1, chunk_size=5, label_positives=True)
+    assert "label_positives=True" in repr(module)
+    with on_backend():
+        assert torch.equal(module(img, txt, labels),
+                           vse_cuda.unified_loss(img, txt, scale=7.0, margin=0.1, labels=labels, chunk_size=5,
+                                                 label_positives=True))

@@ -12,6 +12,24 @@
 
 namespace vse {
 
+// run(a, b, labels, anchors, T{}) on the checked arguments of the dense op `op`: a and b the
+// operands (tiles.h), labels a device pointer or nullptr, T the accumulate type; returns what
+// run returns (the same type for every T).
+template <class Engine, typename Run>
+auto dense_op_dispatch(const char* op, const at::Tensor& img, const at::Tensor& txt, const at::Tensor& labels,
+                       int64_t anchor_begin, int64_t anchor_end, int64_t row_chunk, int64_t col_chunk,
+                       const Run& run) {
+  check_pair_args(op, img, txt, labels, row_chunk, col_chunk);
+  const typename Engine::Guard guard(img);
+  const Anchors anchors = checked_anchors(op, anchor_begin, anchor_end, img.size(0));
+  const auto a = as_operand(img), b = as_operand(txt);
+  const auto lab = labels.contiguous();
+  decltype(run(a, b, labels_data(lab), anchors, double{})) out;
+  AT_DISPATCH_FLOATING_TYPES(accumulate_type(img.scalar_type()), "dense_op_dispatch",
+                             [&] { out = run(a, b, labels_data(lab), anchors, scalar_t{}); });
+  return out;
+}
+
 // (loss summed over the anchors' terms, row_saved, col_saved), in the accumulate type.
 template <class Engine, typename MakePolicy>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_op_forward(const char* op, const MakePolicy& make_policy,
@@ -19,17 +37,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_op_forward(const char* op, 
                                                                 const at::Tensor& labels, int64_t anchor_begin,
                                                                 int64_t anchor_end, int64_t row_chunk,
                                                                 int64_t col_chunk) {
-  check_pair_args(op, img, txt, labels, row_chunk, col_chunk);
-  const typename Engine::Guard guard(img);
-  const Anchors anchors = checked_anchors(op, anchor_begin, anchor_end, img.size(0));
-  const auto a = as_operand(img), b = as_operand(txt);
-  const auto lab = labels.contiguous();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(accumulate_type(img.scalar_type()), "dense_op_forward", [&] {
-    out = dense_forward<Engine, scalar_t>(a, b, labels_data(lab), make_policy(scalar_t{}), anchors, row_chunk,
-                                          col_chunk);
-  });
-  return out;
+  return dense_op_dispatch<Engine>(
+      op, img, txt, labels, anchor_begin, anchor_end, row_chunk, col_chunk,
+      [&](const at::Tensor& a, const at::Tensor& b, const int64_t* labels_ptr, const Anchors& anchors, auto zero) {
+        using T = decltype(zero);
+        return dense_forward<Engine, T>(a, b, labels_ptr, make_policy(zero), anchors, row_chunk, col_chunk);
+      });
 }
 
 // (d img, d txt) in the inputs' dtypes, from the saved values of dense_op_forward.

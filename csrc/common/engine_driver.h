@@ -79,6 +79,12 @@ at::Tensor initial_states(int64_t n, const at::TensorOptions& options) {
   return states;
 }
 
+// The [n, W] states of initial_states, read as State[n].
+template <typename State, typename T>
+State* state_data(const at::Tensor& states) {
+  return reinterpret_cast<State*>(states.data_ptr<T>());
+}
+
 // Copies the positives S_ii lying in the tile S[r0 : r0+rows, c0 : c0+cols] into positive.
 inline void copy_positives(const at::Tensor& tile, int64_t r0, int64_t c0, const at::Tensor& positive) {
   const int64_t lo = std::max(r0, c0), hi = std::min(r0 + tile.size(0), c0 + tile.size(1));
@@ -266,6 +272,24 @@ Positives dense_positives(const at::Tensor& a, const at::Tensor& b, const Anchor
   }
 }
 
+// One sweep of the tiles the anchors need, folding each entry into its row anchor's state
+// (row_policy) and its column anchor's (col_policy): the same policy type, whose two values
+// may carry per-direction data (common/unified.h LabelPositivesSweep). `positive` is the
+// anchors' S_ii (dense_positives), states as initial_states made them.
+template <class Engine, typename T, typename Policy>
+void dense_sweep(const at::Tensor& a, const at::Tensor& b, const int64_t* labels, const Policy& row_policy,
+                 const Policy& col_policy, const Anchors& anchors, const TilePlan& plan, const Positives& positive,
+                 const at::Tensor& row_state, const at::Tensor& col_state) {
+  using Passes = typename Engine::template Dense<T, Policy>;
+  for_each_anchor_tile(
+      a, b, anchors, plan.row_chunk, plan.col_chunk,
+      [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
+        if (directions & kRowAnchors) Passes::rows(row_policy, tile, r0, c0, labels, positive.row, row_state);
+        if (directions & kColumnAnchors) Passes::columns(col_policy, tile, r0, c0, labels, positive.col, col_state);
+      },
+      plan.tiling, TileSelection::kAll, Policy::kAnchors);
+}
+
 // Forward of a dense loss: (loss summed over the anchors' row and column terms, row_saved
 // and col_saved [N, Policy::kSavedWidth]; the saved values of other pairs are 0). a and b are [N, D]
 // contiguous in their operand type (tiles.h), T their accumulate type. Every entry's add()
@@ -283,13 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_forward(const at::Tensor& a
   const auto col_state = initial_states<T, State>(n, options);
   const TilePlan plan = dense_plan<Policy>(row_chunk, col_chunk);
   const Positives positive = dense_positives<Policy>(a, b, anchors, plan);
-  for_each_anchor_tile(
-      a, b, anchors, plan.row_chunk, plan.col_chunk,
-      [&](const at::Tensor& tile, int64_t r0, int64_t c0, int directions) {
-        if (directions & kRowAnchors) Passes::rows(policy, tile, r0, c0, labels, positive.row, row_state);
-        if (directions & kColumnAnchors) Passes::columns(policy, tile, r0, c0, labels, positive.col, col_state);
-      },
-      plan.tiling, TileSelection::kAll, Policy::kAnchors);
+  dense_sweep<Engine, T>(a, b, labels, policy, policy, anchors, plan, positive, row_state, col_state);
   const auto terms = at::zeros({2, n}, options);
   auto row_saved = at::zeros({n, Policy::kSavedWidth}, options);
   auto col_saved = at::zeros({n, Policy::kSavedWidth}, options);

@@ -15,9 +15,10 @@
 //   kAnchors                           the anchors that have terms: kBothAnchors, or
 //                                      kRowAnchors for a loss with one term per entry of S
 //   kSameLabelTerms                    the loss has terms for the anchor's same-label pairs
-//                                      (other than its own): add_same_label() folds them in
-//                                      and same_label_weight() is their gradient; else they
-//                                      are never visited (masked) and their gradient is 0
+//                                      (other than its own): add_same_label(state, S_ij,
+//                                      S_ii, anchor) folds them in and same_label_weight() is
+//                                      their gradient; else they are never visited (masked)
+//                                      and their gradient is 0
 //   kSavedWidth                        values finish() saves per anchor for the backward
 //   finish(state, S_ii, saved) -> T    the anchor's loss term; writes kSavedWidth values
 //   weight(S_ij, saved) -> T           ∂term/∂S_ij of a valid negative, from the saved values
@@ -58,7 +59,7 @@ VSE_HOST_DEVICE void fold_entry(const Policy& policy, State& state, const int64_
   if (is_negative(labels, anchor, candidate)) {
     policy.add(state, score, positive);
   } else if constexpr (Policy::kSameLabelTerms) {
-    if (candidate != anchor) policy.add_same_label(state, score, positive);
+    if (candidate != anchor) policy.add_same_label(state, score, positive, anchor);
   }
 }
 
@@ -79,6 +80,18 @@ VSE_HOST_DEVICE T hinge_grad(T x) {
 template <typename T>
 VSE_HOST_DEVICE T softplus(T y) {
   return y > T(0) ? y + math::log1p(math::exp(-y)) : math::log1p(math::exp(y));
+}
+
+// softplus(y) = log(1 + e^y) and σ(y) from one exponential, e^{−|y|}: both stable for any y.
+template <typename T>
+struct SoftplusSigmoid {
+  T softplus, sigmoid;
+};
+template <typename T>
+VSE_HOST_DEVICE SoftplusSigmoid<T> softplus_sigmoid(T y) {
+  const T e = math::exp(y > T(0) ? -y : y);
+  const T inverse = T(1) / (T(1) + e);
+  return {(y > T(0) ? y : T(0)) + math::log1p(e), y > T(0) ? inverse : e * inverse};
 }
 
 // Running log Σ e^x_k with an online maximum and, for terms added with a second value d_k,

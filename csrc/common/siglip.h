@@ -12,18 +12,6 @@
 
 namespace vse {
 
-// softplus(y) = log(1 + e^y) and σ(y) from one exponential, e^{−|y|}: both stable for any y.
-template <typename T>
-struct SoftplusSigmoid {
-  T softplus, sigmoid;
-};
-template <typename T>
-VSE_HOST_DEVICE SoftplusSigmoid<T> softplus_sigmoid(T y) {
-  const T e = math::exp(y > T(0) ? -y : y);
-  const T inverse = T(1) / (T(1) + e);
-  return {(y > T(0) ? y : T(0)) + math::log1p(e), y > T(0) ? inverse : e * inverse};
-}
-
 // Dense policy (see common/engine_math.h for the interface), row anchors only. State: the sum
 // of the row's terms, of their ∂/∂t and of their ∂/∂b so far. saved = {S_ii, ∂/∂t, ∂/∂b} of
 // the row (the diagonal term included).
@@ -51,7 +39,9 @@ struct SigLipPolicy {
     state.d_bias += d_logit;
   }
   VSE_HOST_DEVICE void add(State& state, T score, T /*positive*/) const { fold(state, score, T(-1)); }
-  VSE_HOST_DEVICE void add_same_label(State& state, T score, T /*positive*/) const { fold(state, score, T(1)); }
+  VSE_HOST_DEVICE void add_same_label(State& state, T score, T /*positive*/, int64_t /*anchor*/) const {
+    fold(state, score, T(1));
+  }
   VSE_HOST_DEVICE void merge(State& state, const State& other) const {
     state.loss += other.loss;
     state.d_scale += other.d_scale;

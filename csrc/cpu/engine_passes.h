@@ -66,12 +66,13 @@ struct Engine {
     });
   }
 
+  // A policy without a State (a gradient-only one, common/unified.h LabelPositivesPolicy) uses
+  // only gradient(), so State is named inside the passes that fold.
   template <typename T, typename Policy>
   struct Dense {
-    using State = typename Policy::State;
-
     static void rows(const Policy& policy, const at::Tensor& tile, int64_t r0, int64_t c0, const int64_t* labels,
                      const at::Tensor& positive, const at::Tensor& row_state) {
+      using State = typename Policy::State;
       const T* scores = tile.data_ptr<T>();
       const T* positives = positive.data_ptr<T>();
       State* states = reinterpret_cast<State*>(row_state.data_ptr<T>());
@@ -92,6 +93,7 @@ struct Engine {
 
     static void columns(const Policy& policy, const at::Tensor& tile, int64_t r0, int64_t c0, const int64_t* labels,
                         const at::Tensor& positive, const at::Tensor& col_state) {
+      using State = typename Policy::State;
       const T* scores = tile.data_ptr<T>();
       const T* positives = positive.data_ptr<T>();
       State* states = reinterpret_cast<State*>(col_state.data_ptr<T>());
@@ -114,6 +116,7 @@ struct Engine {
 
     static void finish(const Policy& policy, const at::Tensor& state, const at::Tensor& positive,
                        const at::Tensor& terms, const at::Tensor& saved) {
+      using State = typename Policy::State;
       const State* states = reinterpret_cast<const State*>(state.data_ptr<T>());
       const T* positives = positive.data_ptr<T>();
       T* term = terms.data_ptr<T>();

@@ -21,11 +21,6 @@ inline int sweep_threads(int64_t count) {
 
 inline unsigned blocks_for(int64_t count, int threads) { return static_cast<unsigned>((count + threads - 1) / threads); }
 
-template <typename State, typename T>
-State* states_of(const at::Tensor& state) {
-  return reinterpret_cast<State*>(state.data_ptr<T>());
-}
-
 template <typename T, typename Policy>
 void Engine::Dense<T, Policy>::rows(const Policy& policy, const at::Tensor& tile, int64_t r0, int64_t c0,
                                     const int64_t* labels, const at::Tensor& positive, const at::Tensor& row_state) {
@@ -34,7 +29,7 @@ void Engine::Dense<T, Policy>::rows(const Policy& policy, const at::Tensor& tile
   const int threads = sweep_threads(cols);
   launch(dense_rows_kernel<T, Policy>, dim3(static_cast<unsigned>(tile.size(0))), dim3(threads),
          threads * sizeof(State), current_stream(), policy, tile.data_ptr<T>(), cols, r0, c0, labels,
-         positive.data_ptr<T>(), states_of<State, T>(row_state));
+         positive.data_ptr<T>(), state_data<State, T>(row_state));
 }
 
 template <typename T, typename Policy>
@@ -45,7 +40,7 @@ void Engine::Dense<T, Policy>::columns(const Policy& policy, const at::Tensor& t
   const int64_t rows = tile.size(0), cols = tile.size(1);
   launch(dense_columns_kernel<T, Policy>, dim3(blocks_for(cols, kColumnWarp)), dim3(kColumnWarp, kColumnSegments),
          kColumnWarp * kColumnSegments * sizeof(State), current_stream(), policy, tile.data_ptr<T>(), rows, cols,
-         r0, c0, labels, positive.data_ptr<T>(), states_of<State, T>(col_state));
+         r0, c0, labels, positive.data_ptr<T>(), state_data<State, T>(col_state));
 }
 
 template <typename T, typename Policy>
@@ -54,7 +49,7 @@ void Engine::Dense<T, Policy>::finish(const Policy& policy, const at::Tensor& st
   using State = typename Policy::State;
   const int64_t n = state.size(0);
   launch(dense_finish_kernel<T, Policy>, dim3(blocks_for(n, kMaxThreads)), dim3(kMaxThreads), 0, current_stream(),
-         policy, states_of<const State, T>(state), positive.data_ptr<T>(), n, terms.data_ptr<T>(),
+         policy, state_data<const State, T>(state), positive.data_ptr<T>(), n, terms.data_ptr<T>(),
          saved.data_ptr<T>());
 }
 
