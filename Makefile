@@ -37,11 +37,13 @@ test: build
 	TOTAL_S=900 bash benchmarks/gpu_check.sh --dry-run build/gpu_check
 	$(MAKE) sanitize-test
 
-# The venv is rebuilt only when requirements-dev.txt changes.
-$(VENV)/.requirements: requirements-dev.txt
+# The venv is rebuilt only when requirements-dev.txt or requirements-nodeps.txt changes; the
+# latter's test-only packages are installed without their dependencies (see the file).
+$(VENV)/.requirements: requirements-dev.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements-dev.txt
-	cp requirements-dev.txt $@
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	cat requirements-dev.txt requirements-nodeps.txt > $@
 
 # No build isolation: the build uses the venv's torch instead of installing a second copy.
 build: $(VENV)/.requirements

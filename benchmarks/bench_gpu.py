@@ -1,7 +1,16 @@
 """GPU benchmark (DESIGN §8): every vse_cuda loss, forward + backward, against one GEMM of the
 same shape and dtype (the floor), the eager oracle (vse_cuda.reference), open_clip's ClipLoss
-pattern written out, and inf-cl / memeff on InfoNCE when they are importable, with the cost
-model's predicted time and bytes beside every row as "model" (never mixed with measurements).
+and SigLipLoss patterns written out, and inf-cl / memeff on InfoNCE when they are importable,
+with the cost model's predicted time and bytes beside every row as "model" (never mixed with
+measurements).
+
+The CLIP family as it is trained: ``unified_learned_scale`` is InfoNCE (unified, margin 0) with
+the temperature a learnable 0-dim tensor, and ``siglip`` is ``vse_cuda.siglip_loss`` (open_clip's
+``SigLipLoss`` scale: sum / N) with learnable scale and bias. Learnable scalars are float32 0-dim
+tensors on the device that require grad (as open_clip's ``logit_scale`` / ``logit_bias``
+parameters under autocast), made for each case and given to every method of the row alike; their
+``.grad`` is cleared after each call like the inputs'. Beside them, the eager patterns of
+open_clip with the same learnable scalars: ``clip_pattern`` and ``siglip_pattern``.
 
 Timing on CUDA: ``torch.cuda.Event`` around each call, ``--warmup`` unmeasured calls, then the
 median of ``--repeats`` (>= 10 by default) measured ones; memory: ``torch.cuda.max_memory_allocated``
@@ -55,12 +64,25 @@ LOSSES: dict[str, tuple[str, dict[str, Any], int, str, bool]] = {
     "triplet_hardest": ("triplet_loss", {"mining": "hardest"}, 2, "triplet_hardest", True),
     "triplet_all": ("triplet_loss", {"mining": "all"}, 2, "triplet_all", True),
     "unified": ("unified_loss", {"scale": 20.0, "margin": 0.0}, 2, "unified", True),
+    # The same with a learnable temperature (LEARNABLE): ∂L/∂γ comes from the same sweeps, no extra
+    # GEMM, so the model's unified stands for it.
+    "unified_learned_scale": ("unified_loss", {"scale": 20.0, "margin": 0.0}, 2, "unified", True),
+    # SigLIP with learnable scale and bias (LEARNABLE), reduction "mean" (open_clip's / N): the dense
+    # op of the unified loss (one forward sweep, recompute + two GEMMs backward), so its model too.
+    "siglip": ("siglip_loss", {"scale": 10.0, "bias": -10.0}, 2, "unified", True),
     "quintuplet": ("quintuplet_loss", {}, 6, "quintuplet", True),
     "goal": ("goal_loss", {"triplet_weight": "nca", "pair_weight": "sig_ms"}, 2, "goal", True),
     "topk_similar": ("topk_similar", {"k": 10}, 2, "topk_similar", False),
 }
-#: Methods per loss: fused (vse_cuda), oracle (reference); InfoNCE peers beside unified.
-PEERS = ("clip_pattern", "inf_cl", "memeff")
+#: Keywords of a loss that are learnable: each becomes a float32 0-dim tensor on the device that
+#: requires grad, for every method of the row (fused, oracle and the peers).
+LEARNABLE: dict[str, tuple[str, ...]] = {"unified_learned_scale": ("scale",), "siglip": ("scale", "bias")}
+#: Methods per loss: fused (vse_cuda), oracle (reference), and these peers: the InfoNCE ones beside
+#: unified, open_clip's patterns beside the learnable-scalar rows.
+PEERS: dict[str, tuple[str, ...]] = {"unified": ("clip_pattern", "inf_cl", "memeff"),
+                                     "unified_learned_scale": ("clip_pattern",),
+                                     "siglip": ("siglip_pattern",)}
+ALL_PEERS = frozenset(method for methods in PEERS.values() for method in methods)
 FULL = {"sizes": [8192, 32768, 131072], "dims": [512, 768, 1024], "dtypes": ["bfloat16", "float32"], "warmup": 2,
         "repeats": 10, "budget_s": 150.0}
 QUICK = {"sizes": [128], "dims": [16], "dtypes": ["float32", "bfloat16"], "warmup": 1, "repeats": 3,
@@ -77,7 +99,7 @@ def make_inputs(n: int, dim: int, count: int, dtype: torch.dtype, device: torch.
             for _ in range(count)]
 
 
-def clip_pattern(img: torch.Tensor, txt: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+def clip_pattern(img: torch.Tensor, txt: torch.Tensor, scale: float | torch.Tensor = 20.0) -> torch.Tensor:
     """open_clip ``ClipLoss`` (world size 1) written out: local logits both ways, cross-entropy
     against the diagonal, averaged; under autocast, cross-entropy runs in float32."""
     logits = scale * img @ txt.T
@@ -85,16 +107,32 @@ def clip_pattern(img: torch.Tensor, txt: torch.Tensor, scale: float = 20.0) -> t
     return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
 
 
+def siglip_pattern(img: torch.Tensor, txt: torch.Tensor, scale: float | torch.Tensor = 10.0,
+                   bias: float | torch.Tensor = -10.0) -> torch.Tensor:
+    """open_clip ``SigLipLoss`` (world size 1, its ``_loss``) written out: ``logits = scale·img·txtᵀ
+    + bias`` and the labels ``2·I − 1`` (``get_ground_truth``) in the input dtype, then
+    ``−logsigmoid(labels·logits)`` summed and divided by N. Under autocast only the sum runs in
+    float32 (``sum`` is on autocast's float32 list, ``log_sigmoid`` is not): so here (float64
+    stays float64)."""
+    n = img.size(0)
+    logits = scale * img @ txt.T + bias
+    labels = -torch.ones((n, n), device=img.device, dtype=img.dtype)
+    labels = 2 * torch.eye(n, device=img.device, dtype=img.dtype) + labels
+    return -F.logsigmoid(labels * logits).sum(dtype=reference.compute_dtype(img.dtype)) / n
+
+
 def peer_function(method: str) -> Callable[..., torch.Tensor] | str:
-    """The InfoNCE peer's ``f(img, txt)``, or why it cannot run."""
+    """The peer's ``f(img, txt, scale[, bias])``, or why it cannot run."""
     if method == "clip_pattern":
         return clip_pattern
+    if method == "siglip_pattern":
+        return siglip_pattern
     if method == "inf_cl":
         try:
             from inf_cl import cal_inf_loss
         except ImportError as err:
             return f"not importable ({err.__class__.__name__}: carry its wheel, see the docstring)"
-        return lambda img, txt: cal_inf_loss(img, txt, scale=20.0).mean()
+        return lambda img, txt, scale: cal_inf_loss(img, txt, scale=scale).mean()
     try:
         import memeff  # noqa: F401
     except ImportError as err:
@@ -102,18 +140,30 @@ def peer_function(method: str) -> Callable[..., torch.Tensor] | str:
     return "importable, but no adapter to its InfoNCE entry point is written yet"
 
 
+def loss_keywords(loss: str, device: torch.device) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """The keywords of ``loss``, its LEARNABLE ones as fresh float32 0-dim tensors on ``device``
+    that require grad, and the list of those tensors (whose ``.grad`` a call must clear)."""
+    kwargs = dict(LOSSES[loss][1])
+    params = []
+    for name in LEARNABLE.get(loss, ()):
+        kwargs[name] = torch.tensor(float(kwargs[name]), dtype=torch.float32, device=device, requires_grad=True)
+        params.append(kwargs[name])
+    return kwargs, params
+
+
 def call_for(loss: str, method: str, n: int, dim: int, dtype: torch.dtype, device: torch.device):
     """A zero-argument callable running one forward (+ backward) of ``method``, or a reason."""
-    fn_name, kwargs, count, _, backward = LOSSES[loss]
+    fn_name, _, count, _, backward = LOSSES[loss]
     if method == "gemm":
         a, b = make_inputs(n, dim, 2, dtype, device, grad=False)
         out = torch.empty(n, n, dtype=dtype, device=device)
         return lambda: torch.mm(a, b.T, out=out)
-    if method in PEERS:
+    kwargs, params = loss_keywords(loss, device)
+    if method in ALL_PEERS:
         fn = peer_function(method)
         if isinstance(fn, str):
             return fn
-        count, kwargs = 2, {}
+        count, kwargs = 2, {k: v for k, v in kwargs.items() if k in ("scale", "bias")}
     else:
         fn = getattr(vse_cuda if method == "fused" else reference, fn_name)
     xs = make_inputs(n, dim, count, dtype, device, grad=backward)
@@ -122,7 +172,7 @@ def call_for(loss: str, method: str, n: int, dim: int, dtype: torch.dtype, devic
         out = fn(*xs, **kwargs)
         if backward:
             out.backward()
-            for x in xs:
+            for x in (*xs, *params):
                 x.grad = None
 
     return run
@@ -162,20 +212,38 @@ def model_cost(loss: str, method: str, n: int, dim: int, dtype: torch.dtype) -> 
 # ------------------------------------------------------------------------------ the sweep
 
 def check_on_device(device: torch.device) -> dict[str, str]:
-    """Every loss, fused against the oracle, N=256, float32, on ``device``: loss name -> problem."""
+    """Every loss, fused against the oracle, N=256, float32, on ``device``: loss name -> problem.
+    A loss with LEARNABLE keywords is also checked on their gradients."""
     problems = {}
-    for loss, (fn_name, kwargs, count, _, _) in LOSSES.items():
+    for loss, (fn_name, _, count, _, _) in LOSSES.items():
         xs = make_inputs(256, 32, count, torch.float32, device, grad=False)
+        kwargs, params = loss_keywords(loss, device)
         got = getattr(vse_cuda, fn_name)(*xs, **kwargs)
-        want = getattr(reference, fn_name)(*xs, **kwargs)
+        want_kwargs, want_params = loss_keywords(loss, device)
+        want = getattr(reference, fn_name)(*xs, **want_kwargs)
         got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
         if not torch.allclose(got.double().cpu(), want.double().cpu(), rtol=1e-4, atol=1e-4):
             problems[loss] = f"differs from the oracle at N=256 (max |Δ| {(got - want).abs().max().item():.3g})"
+        elif params and (why := _learnable_gradients_differ(loss, got, want, params, want_params)):
+            problems[loss] = why
     return problems
 
 
+def _learnable_gradients_differ(loss: str, got, want, params, want_params) -> str:
+    """Why the fused loss's gradients of its learnable scalars differ from the oracle's ('' if not)."""
+    want.backward()
+    if not got.requires_grad:
+        return "differs from the oracle at N=256: no gradient reaches " + ", ".join(LEARNABLE[loss])
+    got.backward()
+    for name, p, q in zip(LEARNABLE[loss], params, want_params):
+        if p.grad is None or not torch.allclose(p.grad.double().cpu(), q.grad.double().cpu(), rtol=1e-4, atol=1e-4):
+            seen = "none" if p.grad is None else f"{p.grad.item():.6g}"
+            return f"d{name} differs from the oracle at N=256 ({seen} vs {q.grad.item():.6g})"
+    return ""
+
+
 def methods_for(loss: str) -> list[str]:
-    return ["fused", "oracle"] + (list(PEERS) if loss == "unified" else [])
+    return ["fused", "oracle", *PEERS.get(loss, ())]
 
 
 def free_bytes(device: torch.device) -> float:

@@ -80,17 +80,20 @@ fi
 # 2. The cuda-backend tests (they skip without a GPU: the dry run only collects them).
 if [ $DRY = 1 ]; then
   step tests-collect 120 tests.log "$PY" -m pytest python_tests/test_triplet.py python_tests/test_unified.py \
-      python_tests/test_topk.py -q -p no:cacheprovider -k cuda --collect-only
+      python_tests/test_siglip.py python_tests/test_topk.py -q -p no:cacheprovider -k cuda --collect-only
 else
   step tests-cuda 90 tests.log "$PY" -m pytest python_tests -q -p no:cacheprovider -k cuda -m "not slow" \
       -o faulthandler_timeout=60
 fi
 
-# 3. compute-sanitizer memcheck and racecheck on one small call of every loss (refused on gVisor).
+# 3. compute-sanitizer memcheck and racecheck on one small call of every loss (refused on gVisor);
+#    unified and SigLIP also with learnable (requires-grad 0-dim) scale and bias.
 SAN_PROBE='import torch, vse_cuda as v
 x = [torch.nn.functional.normalize(torch.randn(96, 32, device="cuda"), dim=1).requires_grad_() for _ in range(6)]
 for f, n in ((v.triplet_loss, 2), (v.unified_loss, 2), (v.goal_loss, 2), (v.quintuplet_loss, 6)):
     f(*x[:n]).backward()
+s, b = (torch.tensor(t, device="cuda", requires_grad=True) for t in (10.0, -10.0))
+v.unified_loss(*x[:2], scale=s).backward(); v.siglip_loss(*x[:2], s, b).backward()
 v.topk_similar(x[0].detach(), x[1].detach(), 5); torch.cuda.synchronize(); print("probe ok")'
 if [ $DRY = 1 ]; then
   note sanitizer "skipped: dry run ($(command -v compute-sanitizer >/dev/null && echo present || echo 'not here'))" -
