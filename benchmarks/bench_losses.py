@@ -148,9 +148,13 @@ def eager_label_positives(img: torch.Tensor, txt: torch.Tensor, *, scale: float,
                           labels: torch.Tensor, label_positives: bool) -> torch.Tensor:
     """unified_loss(label_positives=True) in eager PyTorch with O(N²) memory: per anchor the
     log-sum-exp Λ_i over its negatives, then the mean over its positives p of
-    softplus(Λ_i + γ(S_ii − S_ip)) (csrc/common/unified.h derives it)."""
+    softplus(Λ_i + γ(S_ii − S_ip)) (csrc/common/unified.h derives it). Half inputs are computed
+    in float32, as the oracle computes them."""
+    import vse_cuda.reference
+
     assert label_positives
-    S = img @ txt.T
+    compute = vse_cuda.reference.compute_dtype(img.dtype)
+    S = img.to(compute) @ txt.to(compute).T
     same = labels[:, None] == labels[None, :]
 
     def direction(S: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
@@ -159,7 +163,7 @@ def eager_label_positives(img: torch.Tensor, txt: torch.Tensor, *, scale: float,
         terms = torch.nn.functional.softplus(lse[:, None] + scale * (positive - S)).masked_fill(~same, 0.0)
         return (terms.sum(1) / same.sum(1)).sum()
 
-    return direction(S, same) + direction(S.T, same.T)
+    return (direction(S, same) + direction(S.T, same.T)).to(img.dtype)
 
 
 EAGER = {"eager_label_positives": eager_label_positives}

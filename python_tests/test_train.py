@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import vse_cuda
 from vse_cuda import _checkpoint, evaluate, train
 from vse_cuda.data import DataError
 
@@ -71,6 +72,28 @@ def test_infonce_learns_its_temperature(tmp_path):
     assert out.count("learned scale") == 3
     # A model built from the run's config holds the parameter, so the checkpoint evaluates.
     assert evaluate.main([str(tmp_path / train.BEST)]) == table
+
+
+def test_infonce_with_label_positives_trains(tmp_path, monkeypatch):
+    # The image's other captions in a batch are positives: the loss gets labels and the flag.
+    calls = []
+    original = vse_cuda.unified_loss
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("labels") is not None, kwargs.get("label_positives")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("vse_cuda.ops.unified.unified_loss", spy)
+    train_run(tmp_path, "--loss", "infonce", "--label-positives", "--warmup-epochs", "0", epochs=1)
+    assert calls and set(calls) == {(True, True)}
+
+
+def test_label_positives_only_for_the_unified_losses(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--run-dir", str(tmp_path / "run"), "--loss", "triplet", "--label-positives"])
+    assert exit.value.code == 2
+    assert "--label-positives applies to --loss unified and infonce, not triplet" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_siglip_learns_its_temperature_and_bias(tmp_path):

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aoq-pool", type=int, default=d.aoq_pool, help="AOQ: offline candidates drawn from (h)")
     g.add_argument("--mask-same-image", action="store_true",
                    help="never use an image's other captions as negatives (siglip: they are positives)")
+    g.add_argument("--label-positives", action="store_true",
+                   help="unified, infonce: an image's other captions in the batch are positives, "
+                        "each anchor's term the mean over them (implies --mask-same-image)")
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                    help="first epochs with VSE0 (triplet, sum over negatives) before the chosen loss (VSE∞)")
     g = p.add_argument_group("optimization")

@@ -66,6 +66,7 @@ class Config:
     aoq_k_t2i: int = 400
     aoq_pool: int = 300
     mask_same_image: bool = False
+    label_positives: bool = False
     warmup_epochs: int = 1
     epochs: int = 30
     batch_size: int = 128
@@ -101,6 +102,8 @@ def check_config(c: Config) -> None:
     if not (c.lr > 0 and c.lr_decay > 0 and c.grad_clip >= 0):
         raise ValueError(f"--lr and --lr-decay must be > 0 and --grad-clip >= 0, got {c.lr}, {c.lr_decay}, "
                          f"{c.grad_clip}")
+    if c.label_positives and c.loss not in ("unified", "infonce"):
+        raise ValueError(f"--label-positives applies to --loss unified and infonce, not {c.loss}")
     if len(c.splits.split(",")) != 3:
         raise ValueError(f"--splits must name three splits (train,dev,test), got {c.splits!r}")
     make_loss(c, warmup=False, round_=c.rounds)
@@ -206,9 +209,10 @@ def make_loss(config: Config, *, warmup: bool, round_: int, group: dist.ProcessG
     if c.loss == "triplet":
         return losses.TripletLoss(margin=c.margin, mining=c.mining, k=c.topk, group=group)
     if c.loss == "unified":
-        return losses.UnifiedLoss(scale=c.scale, margin=c.margin, group=group)
+        return losses.UnifiedLoss(scale=c.scale, margin=c.margin, group=group, label_positives=c.label_positives)
     if c.loss == "infonce":  # symmetric InfoNCE; the trainer passes the model's learned scale
-        return losses.UnifiedLoss(scale=INFONCE_INITIAL_SCALE, margin=0.0, group=group)
+        return losses.UnifiedLoss(scale=INFONCE_INITIAL_SCALE, margin=0.0, group=group,
+                                  label_positives=c.label_positives)
     if c.loss == "siglip":  # the trainer passes the model's learned scale and bias
         return losses.SigLipLoss(learnable=False, group=group)
     if c.loss == "goal":

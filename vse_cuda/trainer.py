@@ -250,7 +250,8 @@ class Trainer:
             txt = self.model.text(captions.to(self.device), lengths)
         # One encoder pass over the shard and, for AOQ, its offline pairs; split back per role.
         img, txt = img.split(len(image_ids[0])), txt.split(len(caption_ids[0]))
-        labels = (caption_ids[0] // CAPTIONS_PER_IMAGE).to(self.device) if c.mask_same_image else None
+        same_image = c.mask_same_image or c.label_positives
+        labels = (caption_ids[0] // CAPTIONS_PER_IMAGE).to(self.device) if same_image else None
         if len(img) == 1:
             # --loss infonce / siglip: the model's learned scale (and bias); not for the warm-up's VSE0.
             learned = self.model.logit_options() if isinstance(loss_fn, (losses.UnifiedLoss, losses.SigLipLoss)) else {}
