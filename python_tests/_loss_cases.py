@@ -41,6 +41,26 @@ def grid_inputs(n: int, d: int, dtype: torch.dtype = torch.float64, seed: int = 
     return tuple(torch.randint(-3, 4, (n, d), generator=g).to(dtype) / 4 for _ in range(count))
 
 
+def with_duplicates(n: int, d: int, dtype: torch.dtype, which: str, seed: int):
+    """Gaussian inputs in `dtype` in which pair i+1 copies pair i's caption ("captions"), image
+    ("images") or both ("pairs"), for i = 0, 3, 6, ... (COCO batches hold such copies). The
+    copy's score against the original's anchor equals that anchor's positive exactly, so at
+    margin 0 its hinge is exactly 0 and passes no gradient (the oracle takes both values from
+    one S; a positive computed by another reduction than the tile's GEMM is off by an ulp)."""
+    return tuple(x.to(dtype) for x in copy_pairs(*random_inputs(n, d, seed=seed), which))
+
+
+def copy_pairs(img: torch.Tensor, txt: torch.Tensor, which: str):
+    """img and txt with pair i+1's caption, image or both copied from pair i (with_duplicates)."""
+    img, txt = img.clone(), txt.clone()
+    for i in range(0, img.shape[0] - 1, 3):
+        if which in ("captions", "pairs"):
+            txt[i + 1] = txt[i]
+        if which in ("images", "pairs"):
+            img[i + 1] = img[i]
+    return img, txt
+
+
 #: The "cuda" backend of a test's backend list: marked, and skipped where no GPU exists.
 CUDA_BACKEND = pytest.param("cuda", marks=[pytest.mark.cuda,
                                            pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])

@@ -80,6 +80,19 @@ def test_train_read_only_run_dir(tmp_path, capsys):
         run_dir.chmod(0o755)
 
 
+#: A directory in which nobody, root included, can create a file, but whose mode bits root passes
+#: (os.access calls it writable for root, as it does a 0o555 directory).
+UNWRITABLE = Path("/proc")
+needs_unwritable = pytest.mark.skipif(not (UNWRITABLE / "self").is_dir(), reason="no /proc file system")
+
+
+@needs_unwritable
+def test_train_run_dir_where_no_file_can_be_created(capsys):
+    run_dir = UNWRITABLE / "vse_cuda_run"
+    line = train_exit(["--run-dir", str(run_dir)], capsys)
+    assert f"--run-dir {run_dir}" in line and f"{UNWRITABLE} is not writable" in line
+
+
 def _vse_dir(root: Path, caps: bytes | None = None) -> Path:
     root.mkdir()
     for split in ("train", "dev", "test"):
@@ -172,6 +185,13 @@ def test_mining_out_dir_is_a_file_checked_before_mining(tmp_path, capsys, monkey
     line = mine([str(emb), str(tmp_path / "out")], capsys, monkeypatch)
     assert f"OUT_DIR {tmp_path / 'out'}" in line and "is a file" in line
     assert (tmp_path / "out").read_text() == "keep\n"
+
+
+@needs_unwritable
+def test_mining_out_dir_where_no_file_can_be_created(tmp_path, capsys, monkeypatch):
+    emb = _embeddings(tmp_path / "emb")
+    line = mine([str(emb), str(UNWRITABLE / "vse_cuda_out")], capsys, monkeypatch)
+    assert f"OUT_DIR {UNWRITABLE / 'vse_cuda_out'}" in line and f"{UNWRITABLE} is not writable" in line
 
 
 def test_mining_output_name_taken_by_a_directory(tmp_path, capsys, monkeypatch):

@@ -320,3 +320,26 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend, where, pair_weigh
     assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pair_weight", ["lin_ms", "sig_ms"])
+def test_anchor_shares_weigh_as_one_process(backend, device, on_backend, pair_weight, dtype):
+    # A rank of a group sweeps only its anchors' rows and columns, yet R⁺ compares each of its
+    # anchors' positives with every pair's: all of them as tiles hold them, not as row-wise
+    # dots (another reduction, an ulp off). With 8 × 8 tiles and shares of 8 pairs, a rank's
+    # tiles are bitwise one process's, so its anchors' saved weights must be too.
+    n, d = 24, 16
+    img, txt = (x.to(device) for x in aligned_inputs(n, d, 0.8, dtype, seed=13))
+    labels = make_labels("random", n, device=device)
+
+    def forward(begin, end):
+        with on_backend():
+            op = vse_cuda._lib.ops(img, txt).goal_forward
+            return op(img, txt, labels, "nca", pair_weight, 1.0, 2.0, 10.0, 0.5, begin, end, 8, 8)
+
+    whole = forward(0, n)
+    for begin in (0, 8, 16):
+        share, mine = forward(begin, begin + 8), slice(begin, begin + 8)
+        for name, got, want in zip(("row_saved", "col_saved"), share[1:3], whole[1:3]):
+            assert torch.equal(got[mine], want[mine]), f"{name} of pairs [{begin}, {begin + 8})"

@@ -19,7 +19,8 @@ import vse_cuda
 from vse_cuda import reference as ref
 
 from _loss_cases import (BACKENDS, LABEL_KINDS, QUINTUPLET, QUINTUPLET_INPUTS, assert_close, grid_inputs,
-                         loss_and_grads, make_labels, opcheck_setup, oracle_grid, per_backend, random_inputs)
+                         aligned_inputs, copy_pairs, loss_and_grads, make_labels, opcheck_setup, oracle_grid,
+                         per_backend, random_inputs)
 
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
 SIMT_SIZES = [(1, 1), (2, 3), (3, 64), (17, 3), (128, 64)]  # every N, every D
@@ -256,3 +257,33 @@ def test_nan_input_gives_nan_loss(backend, device, on_backend, which):
     assert bool(((row_index >= -1) & (row_index < 10)).all() and ((col_index >= -1) & (col_index < 10)).all())
 
 
+
+
+def _share_loss(on_backend, labels, anchors, row_chunk, col_chunk):
+    """The quintuplet op itself, online margin 0, on the pairs [begin, end): a rank's share."""
+    def loss(*inputs):
+        lab = inputs[0].new_empty(0, dtype=torch.int64) if labels is None else labels
+        with on_backend():
+            op = vse_cuda._lib.ops(*inputs).quintuplet_forward
+            return op(*inputs, lab, 0.0, 0.0, 0.3, 1.5, False, *anchors, row_chunk, col_chunk)[0]
+    return loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("which", ["captions", "images", "pairs"])
+def test_anchor_shares_at_zero_margin_with_duplicates(backend, device, on_backend, which, dtype):
+    # A rank of a group sweeps its rows, then its columns, with tiles of other shapes, which
+    # may round S_ii differently: the row term's hinge must compare u with the row sweep's
+    # positive and the column term's w with the column sweep's, so that a copy's online hinge
+    # at margin 0 is exactly 0 (no gradient; ν ≈ β times a wrong one otherwise). Captions near
+    # their images make each copy its original's hardest negative. The shares' losses and
+    # gradients sum to the oracle's on the whole batch.
+    n, d = 23, 40
+    pairs = copy_pairs(*aligned_inputs(n, d, noise=0.5, seed=3), which)
+    inputs = [x.to(dtype).to(device) for x in (*pairs, *random_inputs(n, d, seed=4, count=4))]
+    want = loss_and_grads(oracle(margin_online=0.0), *(x.double() for x in inputs))
+    for bounds in ([0, 9, 23], [0, 4, 13, 23]):
+        shares = [loss_and_grads(_share_loss(on_backend, None, (lo, hi), n, n), *inputs)
+                  for lo, hi in zip(bounds[:-1], bounds[1:])]
+        got = (sum(s[0] for s in shares), [sum(s[1][k] for s in shares) for k in range(6)])
+        assert_all_close(got, (want[0].to(dtype), [g.to(dtype) for g in want[1]]), dtype, f"shares={bounds}")

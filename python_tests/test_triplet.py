@@ -23,7 +23,7 @@ import vse_cuda
 from vse_cuda import reference as ref
 
 from _loss_cases import (BACKENDS, LABEL_KINDS, TRIPLET, assert_close, grid_inputs, loss_and_grads, make_labels,
-                         opcheck_setup, oracle_grid, per_backend, random_inputs)
+                         opcheck_setup, oracle_grid, per_backend, random_inputs, with_duplicates)
 
 MININGS = [("hardest", 1), ("all", 1), ("topk", 1), ("topk", 3), ("topk", 200)]
 SIZES = [(n, d) for n in (1, 2, 3, 17, 128) for d in (1, 3, 64)]
@@ -246,21 +246,6 @@ def test_no_n_by_n_allocation_at_n_60000():
 
 # ----------------------------------------------- duplicated rows: positives as the tiles hold them
 
-def _with_duplicates(n: int, d: int, dtype: torch.dtype, which: str, seed: int):
-    """Gaussian inputs in `dtype` in which pair i+1 copies pair i's caption ("captions"), image
-    ("images") or both ("pairs"), for i = 0, 3, 6, ... (COCO batches hold such copies). The
-    copy's score against the original's anchor equals that anchor's positive exactly, so at
-    margin 0 its hinge is exactly 0 and passes no gradient (the oracle takes both values from
-    one S; a positive computed by another reduction than the tile's GEMM is off by an ulp)."""
-    img, txt = random_inputs(n, d, dtype=torch.float64, seed=seed)
-    for i in range(0, n - 1, 3):
-        if which in ("captions", "pairs"):
-            txt[i + 1] = txt[i]
-        if which in ("images", "pairs"):
-            img[i + 1] = img[i]
-    return img.to(dtype), txt.to(dtype)
-
-
 DUPLICATE_SIZES = [(5, 3), (17, 64), (33, 300)]
 DUPLICATE_SIMT_SIZES = [(5, 3), (17, 64)]
 
@@ -269,7 +254,7 @@ DUPLICATE_SIMT_SIZES = [(5, 3), (17, 64)]
 @pytest.mark.parametrize("label_kind", [None, "random"])
 @pytest.mark.parametrize("which", ["captions", "images", "pairs"])
 @pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, DUPLICATE_SIZES, DUPLICATE_SIMT_SIZES))
-def test_all_negatives_at_zero_margin_with_duplicates(backend, device, on_backend, n, d, which, label_kind, dtype):
+def test_all_negatives_at_zero_marginwith_duplicates(backend, device, on_backend, n, d, which, label_kind, dtype):
     # VSE0 (mining="all") at margin 0: every hinge of a copy against its original is at exactly 0.
     # The oracle runs in float64 on the same (dtype-valued) inputs, where the copies' scores
     # equal their positives too; per-row gradients, not only their sums, must agree.
@@ -277,7 +262,7 @@ def test_all_negatives_at_zero_margin_with_duplicates(backend, device, on_backen
     # column tiles MKL's GEMM can round a copy's score differently from the original's by its
     # column position within a tile (measured for float64 and small float32 tiles), which no
     # choice of positives undoes (a known limit; see the engine's tiles.h).
-    img, txt = (x.to(device) for x in _with_duplicates(n, d, dtype, which, seed=7 * n + d))
+    img, txt = (x.to(device) for x in with_duplicates(n, d, dtype, which, seed=7 * n + d))
     labels = make_labels(label_kind, n, seed=n, device=device)
     want_loss, want_grads = loss_and_grads(oracle("all", 1, margin=0.0, labels=labels), img.double(), txt.double())
     for chunk in (None,):
@@ -300,13 +285,13 @@ def _op_loss(on_backend, mining, k, labels, anchors, row_chunk, col_chunk):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("which", ["captions", "images", "pairs"])
 @pytest.mark.parametrize("mining,k", [("all", 1), ("hardest", 1), ("topk", 3)])
-def test_anchor_shares_at_zero_margin_with_duplicates(backend, device, on_backend, mining, k, which, dtype):
+def test_anchor_shares_at_zero_marginwith_duplicates(backend, device, on_backend, mining, k, which, dtype):
     # A group's ranks sweep their rows and their columns with tiles of other shapes than one
     # process does: each direction's positives must come from its own sweep's tiles. The
     # shares' losses and gradients sum to the oracle's on the whole batch. One tile per sweep,
     # as in the default plan at this size (see the test above for why).
     n, d = 23, 40
-    img, txt = (x.to(device) for x in _with_duplicates(n, d, dtype, which, seed=3))
+    img, txt = (x.to(device) for x in with_duplicates(n, d, dtype, which, seed=3))
     labels = make_labels("random", n, seed=1).to(device)
     want_loss, want_grads = loss_and_grads(oracle(mining, k, margin=0.0, labels=labels), img.double(), txt.double())
     for bounds in ([0, 9, 23], [0, 4, 13, 23]):

@@ -126,13 +126,26 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> di
 def output_dir_problem(directory: Path, file_names: tuple[str, ...]) -> str | None:
     """Why ``directory`` cannot take a run's files named ``file_names``, or None when it can: the
     first existing path on its way must be a writable directory and no file name may be taken by
-    a directory. Creates nothing, so a command can check before its work, not after."""
+    a directory. Leaves nothing behind, so a command can check before its work, not after."""
     existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         return f"{existing} is a file, not a directory"
     taken = [name for name in file_names if (directory / name).is_dir()]
     if taken:
         return f"{directory / taken[0]} is a directory, where the {taken[0]} file goes; move it away"
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    if existing is not None and not _can_create_in(existing):
         return f"{existing} is not writable"
     return None
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Whether a file can be created in ``directory``: tried with a probe file, removed at once.
+    os.access answers from the mode bits, which root passes everywhere (a 0o555 directory, /proc),
+    and knows nothing of what the file system itself refuses."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vse_cuda-probe-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True

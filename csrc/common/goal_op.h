@@ -60,6 +60,18 @@ SortedPositives sort_positives(const at::Tensor& positive, double a) {
           position};
 }
 
+// Every pair's positive S_kk as tiles hold it, for 𝒫 (whose members are compared with the
+// anchors' tile values): one process's from its own sweep (the mined lists'); a rank of a
+// group sweeps only its anchors' rows and columns, so it recomputes the tiles holding the
+// diagonal of the whole batch, square where the budget allows (about row_chunk / N of one
+// sweep's GEMM work; the same tiles as one process's sweep when row_chunk ≥ col_chunk).
+inline at::Tensor every_positive(const at::Tensor& a, const at::Tensor& b, const MinedLists& lists,
+                                 const Anchors& anchors, int64_t row_chunk, int64_t col_chunk) {
+  const int64_t n = a.size(0);
+  if (anchors.all(n)) return lists.row_positive;
+  return tile_positives(a, b, Anchors{0, n}, row_chunk, std::min(row_chunk, col_chunk), Tiling::kCanonical).row;
+}
+
 // The mined lists (k = 1) and, for *_ms, every row's and column's negative-set state
 // ([N, 3] of T, NegativeSetPolicy), reduced in the same tile sweep.
 struct GoalNegatives {
@@ -119,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> goal_forw
         mine_goal_negatives<Engine, T>(a, b, labels_data(lab), relative, options.b, pair, anchors, row_chunk,
                                        col_chunk);
     const MinedLists& lists = mined.lists;
-    // 𝒫 spans every pair's positive; the mined lists read only the anchors'.
     const SortedPositives positives =
-        relative ? sort_positives<Engine>(anchors.all(n) ? lists.row_positive : row_dots(a, b), a_) : SortedPositives{};
+        relative ? sort_positives<Engine>(every_positive(a, b, lists, anchors, row_chunk, col_chunk), a_)
+                 : SortedPositives{};
     const auto acc_options = accumulate_options(a);
     const auto terms = at::zeros({2, n}, acc_options);
     at::Tensor saved[2] = {at::zeros({n, 2}, acc_options), at::zeros({n, 2}, acc_options)};

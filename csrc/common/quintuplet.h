@@ -48,15 +48,18 @@ VSE_HOST_DEVICE void adaptive_hinge(const QuintupletOptions<T>& o, T p, T s, T o
 
 }  // namespace detail
 
-// L_i of one anchor; writes grads[kQuintupletScores] = ∂L_i/∂(p, u, w, x, y, q, z). has_u /
-// has_w: the anchor has a valid negative in its row / column (u / w are ignored otherwise).
+// L_i of one anchor; writes grads[kQuintupletScores] = ∂L_i/∂(p, u, w, x, y, q, z). p and
+// p_col: S_ii as the tiles of u's row and of w's column hold it, so that a copy's score is
+// compared with a positive rounded as it is (a hinge at exactly 0 stays 0); the offline
+// terms take p. has_u / has_w: the anchor has a valid negative in its row / column (u / w
+// are ignored otherwise).
 template <typename T>
-VSE_HOST_DEVICE T quintuplet_term(const QuintupletOptions<T>& o, T p, T u, bool has_u, T w, bool has_w, T x, T y,
-                                  T q, T z, T* grads) {
+VSE_HOST_DEVICE T quintuplet_term(const QuintupletOptions<T>& o, T p, T u, bool has_u, T p_col, T w, bool has_w,
+                                  T x, T y, T q, T z, T* grads) {
   for (int s = 0; s < kQuintupletScores; ++s) grads[s] = T(0);
   T online = T(0);
   if (has_u) detail::adaptive_hinge(o, p, u, x, online, grads[kScoreP], grads[kScoreU], grads[kScoreX]);
-  if (has_w) detail::adaptive_hinge(o, p, w, y, online, grads[kScoreP], grads[kScoreW], grads[kScoreY]);
+  if (has_w) detail::adaptive_hinge(o, p_col, w, y, online, grads[kScoreP], grads[kScoreW], grads[kScoreY]);
   const T offline_scores[4] = {x, y, q, z};
   T offline = T(0);
   for (int s = 0; s < 4; ++s) {
@@ -70,12 +73,13 @@ VSE_HOST_DEVICE T quintuplet_term(const QuintupletOptions<T>& o, T p, T u, bool 
 }
 
 // The per-anchor pass of quintuplet_forward (Engine::for_each_anchor): terms[i] = L_i and
-// grads row i, from the k = 1 mined lists (value and index, −1: no valid negative) and the
-// offline dots.
+// grads row i, from the k = 1 mined lists (value and index, −1: no valid negative), their
+// positives (the row and the column sweep's) and the offline dots.
 template <typename T>
 struct QuintupletAnchors {
   QuintupletOptions<T> options;
   const T* p;
+  const T* p_col;
   const T* u;
   const int64_t* c;
   const T* w;
@@ -88,7 +92,7 @@ struct QuintupletAnchors {
   T* terms;  // [N]
 
   VSE_HOST_DEVICE void operator()(int64_t i) const {
-    terms[i] = quintuplet_term(options, p[i], u[i], c[i] >= 0, w[i], r[i] >= 0, x[i], y[i], q[i], z[i],
+    terms[i] = quintuplet_term(options, p[i], u[i], c[i] >= 0, p_col[i], w[i], r[i] >= 0, x[i], y[i], q[i], z[i],
                                grads + kQuintupletScores * i);
   }
 };

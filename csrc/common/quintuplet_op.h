@@ -66,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quintuplet_forward(
     auto saved = at::zeros({n, kQuintupletScores}, acc[0].options());
     const auto terms = at::zeros({n}, acc[0].options());
     for_each_anchor_of<Engine>(
-        anchors, QuintupletAnchors<T>{options, lists.row_positive.data_ptr<T>(), lists.row_values.data_ptr<T>(),
+        anchors, QuintupletAnchors<T>{options, lists.row_positive.data_ptr<T>(), lists.col_positive.data_ptr<T>(),
+                                lists.row_values.data_ptr<T>(),
                                 lists.row_indices.data_ptr<int64_t>(), lists.col_values.data_ptr<T>(),
                                 lists.col_indices.data_ptr<int64_t>(), offline[0].data_ptr<T>(),
                                 offline[1].data_ptr<T>(), offline[2].data_ptr<T>(), offline[3].data_ptr<T>(),
