@@ -53,8 +53,28 @@ def test_compile_fullgraph_traces_the_argument_checks(dynamic):
         img, txt = (x.float() for x in _inputs(2))
         want = step(img, txt, margin, scale)
         torch.testing.assert_close(compiled(img, txt, margin, scale), want)
-    with pytest.raises(Exception, match="margin must be finite"):
+    # Our ValueError, not dynamo's "Unsupported": a symbolic number is checked by the op itself.
+    with pytest.raises(ValueError, match="margin must be finite"):
         compiled(img, txt, float("nan"), 20.0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        compiled(img, txt, 0.2, float("inf"))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("name, call", [
+    ("margin", lambda xs, v: vse_cuda.triplet_loss(xs[0], xs[1], margin=v, mining="all")),
+    ("alpha", lambda xs, v: vse_cuda.quintuplet_loss(*xs, alpha=v)),
+    ("tau", lambda xs, v: vse_cuda.goal_loss(xs[0], xs[1], tau=v)),
+    ("bias", lambda xs, v: vse_cuda.siglip_loss(xs[0], xs[1], 10.0, v)),
+])
+def test_compiled_calls_check_their_numbers_in_the_op(name, call, dynamic):
+    # Each op checks its numbers itself, so a compiled graph raises the wrappers' ValueError.
+    xs = [x.detach().float() for x in _inputs(6)]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda v: call(xs, v), dynamic=dynamic, fullgraph=True)
+    torch.testing.assert_close(compiled(1.0), call(xs, 1.0))
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        compiled(float("nan"))
 
 
 @pytest.mark.parametrize("number", [np.float32(0.25), np.float64(0.25), np.float16(0.25), np.int64(0)])

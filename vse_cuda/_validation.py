@@ -96,12 +96,16 @@ def check_finite(name: str, value: object, *, positive: bool = False, non_negati
     scalars such as numpy.float32) and torch.SymInt/SymFloat (what torch.compile(dynamic=True)
     passes for a number). Refused: bools (a flag is not a number here) and tensors, 0-dim
     included: the ops take a constant, so a tensor's gradient would be cut silently.
-    Finite means ``value - value == 0`` (false for NaN and ±inf): a comparison, unlike
-    math.isfinite, that torch.compile can trace on a symbolic float."""
+    Finite means ``value - value == 0`` (false for NaN and ±inf). While torch.compile traces,
+    only the type is checked: a raise would end the trace in dynamo's "Unsupported", so the op
+    checks the value when the graph runs and raises the same ValueError
+    (csrc/common/loss_args.h checked_option)."""
     if isinstance(value, (bool, np_bool)) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not isinstance(value, (torch.SymInt, torch.SymFloat)):
         value = float(value)
+    if torch.compiler.is_compiling():
+        return value  # a raise would end the trace: the op checks the value (loss_args.h checked_option)
     if not value - value == 0:
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:

@@ -112,6 +112,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> goal_forw
     c10::string_view pair_weight_, double tau, double a_, double b_, double lam, int64_t anchor_begin,
     int64_t anchor_end, int64_t row_chunk, int64_t col_chunk) {
   check_pair_args("goal_forward", img, txt, labels, row_chunk, col_chunk);
+  checked_option("goal_forward", "tau", tau, true);
+  checked_option("goal_forward", "a", a_, true);
+  checked_option("goal_forward", "b", b_, true);
+  checked_option("goal_forward", "lam", lam);
   const auto triplet = parse_triplet_weight({triplet_weight_.data(), triplet_weight_.size()});
   const auto pair = parse_pair_weight({pair_weight_.data(), pair_weight_.size()});
   const typename Engine::Guard guard(img);

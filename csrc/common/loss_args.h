@@ -23,16 +23,23 @@ inline void check_pair_args(const char* op, const at::Tensor& img, const at::Ten
   }
 }
 
+// A number option of the op `op`: finite, and > 0 when `positive`, else a ValueError worded as
+// the Python wrappers' (vse_cuda/_validation.py check_finite). Under torch.compile the wrappers
+// leave the value to the op (a raise while tracing would end the trace), so this is the check
+// a compiled call meets.
+inline double checked_option(const char* op, const char* name, double value, bool positive = false) {
+  TORCH_CHECK_VALUE(std::isfinite(value), op, ": ", name, " must be finite, got ", value);
+  TORCH_CHECK_VALUE(!positive || value > 0, op, ": ", name, " must be > 0, got ", value);
+  return value;
+}
+
 // The value of a 0-dim floating tensor option (a learnable temperature or bias may live on the
 // GPU: reading it here, inside the op, keeps torch.compile's graph whole; on CUDA it waits for
-// the value): finite, and > 0 when `positive`.
+// the value), checked as checked_option.
 inline double checked_scalar(const char* op, const char* name, const at::Tensor& value, bool positive) {
-  TORCH_CHECK(value.dim() == 0 && at::isFloatingType(value.scalar_type()), op, ": ", name,
-              " must be a 0-dim floating-point tensor");
-  const double v = value.item<double>();
-  TORCH_CHECK(std::isfinite(v) && (!positive || v > 0), op, ": ", name, " must be finite", positive ? " and > 0" : "",
-              ", got ", v);
-  return v;
+  TORCH_CHECK_TYPE(value.dim() == 0 && at::isFloatingType(value.scalar_type()), op, ": ", name,
+                   " must be a 0-dim floating-point tensor");
+  return checked_option(op, name, value.item<double>(), positive);
 }
 
 // The state a forward op saved for its backward: [N, width] in the accumulate type.

@@ -46,7 +46,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quintuplet_forward(
   check_pair_args("quintuplet_forward", img, txt, labels, row_chunk, col_chunk);
   const QuintupletInputs inputs = {img, txt, off_img, off_txt, img2, txt2};
   check_offline_args("quintuplet_forward", inputs);
-  TORCH_CHECK(alpha > 0, "quintuplet_forward: alpha must be > 0");
+  checked_option("quintuplet_forward", "margin_online", margin_online);
+  checked_option("quintuplet_forward", "margin_offline", margin_offline);
+  checked_option("quintuplet_forward", "alpha", alpha, true);
+  checked_option("quintuplet_forward", "beta", beta);
   const typename Engine::Guard guard(img);
   const int64_t n = img.size(0);
   const Anchors anchors = checked_anchors("quintuplet_forward", anchor_begin, anchor_end, n);

@@ -35,6 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_f
     c10::string_view mining_, int64_t k, int64_t anchor_begin, int64_t anchor_end, int64_t row_chunk,
     int64_t col_chunk) {
   check_pair_args("triplet_forward", img, txt, labels, row_chunk, col_chunk);
+  checked_option("triplet_forward", "margin", margin);
   const typename Engine::Guard guard(img);
   const std::string_view mining(mining_.data(), mining_.size());
   const int64_t n = img.size(0);

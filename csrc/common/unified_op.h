@@ -63,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_forward(
     bool scale_grad, bool label_positives, int64_t anchor_begin, int64_t anchor_end, int64_t row_chunk,
     int64_t col_chunk) {
   const double gamma = checked_scalar("unified_forward", "scale", scale, true);
+  checked_option("unified_forward", "margin", margin);
   TORCH_CHECK(!label_positives || labels.numel() > 0, "unified_forward: label_positives needs labels");
   const auto run = [&](auto learns_scale) {
     constexpr bool kScaleGradient = decltype(learns_scale)::value;
