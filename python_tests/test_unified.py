@@ -136,33 +136,38 @@ def test_gradcheck(backend, device, on_backend, labelled, normalize):
 
 
 @pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
-@pytest.mark.parametrize("labelled", [False, True])
-def test_opcheck(backend, device, on_backend, labelled, anchors):
+@pytest.mark.parametrize("labelled,label_positives", [(False, False), (True, False), (True, True)])
+def test_opcheck(backend, device, on_backend, labelled, label_positives, anchors):
     (img, txt), labels, op = opcheck_setup(device, on_backend, labelled)
     # A learnable scale on the inputs' device: the op's autograd gives it a gradient too.
     scale = torch.tensor(20.0, dtype=img.dtype, device=device, requires_grad=True)
-    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, scale, 0.2, True, False, *anchors, 4, 6))
-    _, *saved, _ = op.unified_forward(img.detach(), txt.detach(), labels, scale.detach(), 0.2, True, False, *anchors, 4, 6)
+    options = (0.2, True, label_positives, *anchors, 4, 6)
+    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, scale, *options))
+    _, *saved, _ = op.unified_forward(img.detach(), txt.detach(), labels, scale.detach(), *options)
+    assert saved[0].shape == (img.size(0), 5 if label_positives else 3)
     torch.library.opcheck(op.unified_backward.default, (torch.tensor(0.5, device=device), img.detach(), txt.detach(),
-                                                        labels, scale.detach(), 0.2, False, *saved, *anchors, 4, 6))
+                                                        labels, scale.detach(), 0.2, label_positives, *saved,
+                                                        *anchors, 4, 6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_simt_kernels_match_the_cpu_kernels(dtype):
+@pytest.mark.parametrize("label_positives", [False, True])
+def test_simt_kernels_match_the_cpu_kernels(dtype, label_positives):
     # The ops themselves on 5 × 4 tiles (chunks 16 and 24 do not divide N = 75): the same
-    # saved state (layout and values) and gradients as the CPU kernels.
+    # saved state (layout and values) and gradients as the CPU kernels, within the dtype's
+    # tolerance relative to each output's largest entry (the backends' GEMMs round S differently).
     img, txt = random_inputs(75, 16, dtype, seed=11)
-    labels = make_labels("random", 75)
+    labels = make_labels("pairs" if label_positives else "random", 75)
     grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     results = []
     for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
-        forward = ops.unified_forward(img, txt, labels, _scale(5.0), 0.2, True, False, 0, 75, 16, 24)
-        backward = ops.unified_backward(grad, img, txt, labels, _scale(5.0), 0.2, False, *forward[1:3], 0, 75, 16, 24)
+        forward = ops.unified_forward(img, txt, labels, _scale(5.0), 0.2, True, label_positives, 0, 75, 16, 24)
+        backward = ops.unified_backward(grad, img, txt, labels, _scale(5.0), 0.2, label_positives, *forward[1:3], 0,
+                                        75, 16, 24)
         results.append(forward + backward)
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     for got, want in zip(*reversed(results)):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got, want, **tol)
+        assert got.shape == want.shape
+        assert_close(got, want, dtype, tol=1e-12 if dtype == torch.float64 else None)
 
 
 def test_nan_input_gives_nan_loss(backend, device, on_backend):
@@ -247,15 +252,22 @@ SCALE_SIZES = [(n, d) for n in (1, 2, 17, 64) for d in (1, 5)]
 SCALE_SIMT_SIZES = [(1, 1), (2, 5), (17, 5), (64, 1)]
 
 
+#: (label kind, label_positives): masking with every label kind; positives from labels (spec
+#: §8.3) with every kind that has labels.
+LABEL_USES = [*((kind, False) for kind in LABEL_KINDS), *((kind, True) for kind in LABEL_KINDS if kind)]
+
+
 @pytest.mark.parametrize("scale,margin", [(0.5, 0.2), (20.0, 0.0), (1000.0, 0.1)])
-@pytest.mark.parametrize("label_kind", LABEL_KINDS)
+@pytest.mark.parametrize("label_kind,label_positives", LABEL_USES)
 @pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, SCALE_SIZES, SCALE_SIMT_SIZES))
-def test_scale_gradient_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, scale, margin):
+def test_scale_gradient_matches_oracle_float64(backend, device, on_backend, n, d, label_kind, label_positives, scale,
+                                               margin):
     img, txt = (x.to(device) for x in random_inputs(n, d, seed=10 * n + d))
     gamma = torch.tensor(scale, dtype=torch.float64, device=device)
-    labels = make_labels(label_kind, n, device=device)
+    labels = make_labels(label_kind, n, seed=n, device=device)
     for normalize, reduction, chunks in oracle_grid(n):
-        options = dict(margin=margin, labels=labels, normalize=normalize, reduction=reduction)
+        options = dict(margin=margin, labels=labels, normalize=normalize, reduction=reduction,
+                       label_positives=label_positives)
         want_loss, want_grads = loss_and_grads(oracle_scaled(**options), img, txt, gamma)
         for chunk in chunks:
             loss, grads = loss_and_grads(ours_scaled(on_backend, chunk_size=chunk, **options), img, txt, gamma)
@@ -393,36 +405,14 @@ def test_op_without_scale_grad_refuses_a_scale_that_requires_grad():
 
 # ------------------------------------------------ positives from labels (spec §8.3)
 
-POSITIVE_LABEL_KINDS = ("random", "pairs", "same")
-POSITIVE_SIZES = [(n, d) for n in (1, 2, 3, 17, 48) for d in (1, 5)]
-POSITIVE_SIMT_SIZES = [(1, 1), (3, 5), (17, 1), (48, 5)]
-
-
 def positives_loss(on_backend, **options):
-    """unified_loss(..., label_positives=True) with a tensor scale as its third input."""
+    """unified_loss(..., label_positives=True) with a tensor scale as its third input (the
+    oracle grid with label_positives is test_scale_gradient_matches_oracle_float64's)."""
     return ours_scaled(on_backend, label_positives=True, **options)
 
 
 def positives_oracle(**options):
     return oracle_scaled(label_positives=True, **options)
-
-
-@pytest.mark.parametrize("scale,margin", [(0.5, 0.2), (20.0, 0.0), (1000.0, 0.1)])
-@pytest.mark.parametrize("label_kind", POSITIVE_LABEL_KINDS)
-@pytest.mark.parametrize("backend,n,d", per_backend(BACKENDS, POSITIVE_SIZES, POSITIVE_SIMT_SIZES))
-def test_label_positives_match_oracle_float64(backend, device, on_backend, n, d, label_kind, scale, margin):
-    img, txt = (x.to(device) for x in random_inputs(n, d, seed=7 * n + d))
-    gamma = torch.tensor(scale, dtype=torch.float64, device=device)
-    labels = make_labels(label_kind, n, seed=n, device=device)
-    for normalize, reduction, chunks in oracle_grid(n):
-        options = dict(margin=margin, labels=labels, normalize=normalize, reduction=reduction)
-        want_loss, want_grads = loss_and_grads(positives_oracle(**options), img, txt, gamma)
-        for chunk in chunks:
-            loss, grads = loss_and_grads(positives_loss(on_backend, chunk_size=chunk, **options), img, txt, gamma)
-            case = f"normalize={normalize} reduction={reduction} chunk={chunk}"
-            assert_close(loss, want_loss, torch.float64, f"loss, {case}")
-            for what, got, want in zip(("d img", "d txt", "d scale"), grads, want_grads):
-                assert_close(got, want, torch.float64, f"{what}, {case}", float(want_loss.abs()) / n)
 
 
 def test_label_positives_with_unique_labels_is_the_unified_loss(backend, device, on_backend):
@@ -497,34 +487,6 @@ def test_label_positives_gradcheck(backend, device, on_backend):
     labels = torch.tensor([0, 1, 0, 2, 3, 3, 3], device=device)
     fn = positives_loss(on_backend, labels=labels, normalize=True, chunk_size=3)
     assert torch.autograd.gradcheck(fn, (img, txt, gamma))
-
-
-@pytest.mark.parametrize("anchors", [(0, 9), (2, 7)], ids=["all_anchors", "some_anchors"])
-def test_label_positives_opcheck(backend, device, on_backend, anchors):
-    (img, txt), labels, op = opcheck_setup(device, on_backend, True)
-    scale = torch.tensor(20.0, dtype=img.dtype, device=device, requires_grad=True)
-    torch.library.opcheck(op.unified_forward.default, (img, txt, labels, scale, 0.2, True, True, *anchors, 4, 6))
-    _, *saved, _ = op.unified_forward(img.detach(), txt.detach(), labels, scale.detach(), 0.2, True, True, *anchors, 4, 6)
-    assert saved[0].shape == (img.size(0), 5)
-    torch.library.opcheck(op.unified_backward.default, (torch.tensor(0.5, device=device), img.detach(), txt.detach(),
-                                                        labels, scale.detach(), 0.2, True, *saved, *anchors, 4, 6))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_label_positives_simt_kernels_match_the_cpu_kernels(dtype):
-    img, txt = random_inputs(75, 16, dtype, seed=12)
-    labels = make_labels("pairs", 75)
-    grad = torch.tensor(1.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    results = []
-    for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
-        forward = ops.unified_forward(img, txt, labels, _scale(5.0), 0.2, True, True, 0, 75, 16, 24)
-        backward = ops.unified_backward(grad, img, txt, labels, _scale(5.0), 0.2, True, *forward[1:3], 0, 75, 16, 24)
-        results.append(forward + backward)
-    # Within the dtype's tolerance relative to each output's largest entry (the backends' GEMMs
-    # round S differently).
-    for got, want in zip(*reversed(results)):
-        assert got.shape == want.shape
-        assert_close(got, want, dtype, tol=1e-12 if dtype == torch.float64 else None)
 
 
 def test_label_positives_need_labels(backend, device, on_backend):
