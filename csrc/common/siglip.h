@@ -12,16 +12,41 @@
 
 namespace vse {
 
-// softplus(y) = log(1 + e^y) and σ(y) from one exponential, e^{−|y|}: both stable for any y.
-template <typename T>
-struct SoftplusSigmoid {
-  T softplus, sigmoid;
+// The lane operations of the formulas below on V: here a scalar T, on every backend. The CPU
+// loops (cpu/capability/siglip.cpp) specialize Lanes for ATen's vector of T, so that the same
+// formulas, written once here, evaluate a row of entries at a time there.
+template <typename V>
+struct Lanes {
+  static VSE_HOST_DEVICE V exp(V x) { return math::exp(x); }
+  static VSE_HOST_DEVICE V log1p(V x) { return math::log1p(x); }
+  // x > 0 ? a : b
+  static VSE_HOST_DEVICE V if_positive(V x, V a, V b) { return x > V(0) ? a : b; }
 };
-template <typename T>
-VSE_HOST_DEVICE SoftplusSigmoid<T> softplus_sigmoid(T y) {
-  const T e = math::exp(y > T(0) ? -y : y);
-  const T inverse = T(1) / (T(1) + e);
-  return {(y > T(0) ? y : T(0)) + math::log1p(e), y > T(0) ? inverse : e * inverse};
+
+// softplus(y) = log(1 + e^y) and σ(y) from one exponential, e^{−|y|}: both stable for any y.
+template <typename V>
+struct SoftplusSigmoid {
+  V softplus, sigmoid;
+};
+template <typename V>
+VSE_HOST_DEVICE V exp_minus_abs(V y) {
+  return Lanes<V>::exp(Lanes<V>::if_positive(y, -y, y));
+}
+// σ(y) from e = e^{−|y|}.
+template <typename V>
+VSE_HOST_DEVICE V sigmoid_from(V y, V e) {
+  const V inverse = V(1) / (V(1) + e);
+  return Lanes<V>::if_positive(y, inverse, e * inverse);
+}
+template <typename V>
+VSE_HOST_DEVICE SoftplusSigmoid<V> softplus_sigmoid(V y) {
+  const V e = exp_minus_abs(y);
+  return {Lanes<V>::if_positive(y, y, V(0)) + Lanes<V>::log1p(e), sigmoid_from(y, e)};
+}
+// σ(y) alone (the backward: no logarithm).
+template <typename V>
+VSE_HOST_DEVICE V logistic(V y) {
+  return sigmoid_from(y, exp_minus_abs(y));
 }
 
 // Dense policy (see common/engine_math.h for the interface), row anchors only. State: the sum
@@ -42,13 +67,23 @@ struct SigLipPolicy {
   T scale;
   T bias;
 
-  // The term of entry S_ij with sign z and its derivatives, added to state.
+  // The term of entry S_ij with sign z and its derivatives ∂/∂t, ∂/∂b, on scalars or lanes.
+  template <typename V>
+  struct Term {
+    V loss, d_scale, d_bias;
+  };
+  template <typename V>
+  VSE_HOST_DEVICE Term<V> term(V score, V z) const {
+    const auto f = softplus_sigmoid(-z * (V(scale) * score + V(bias)));
+    const V d_logit = -z * f.sigmoid;
+    return {f.softplus, d_logit * score, d_logit};
+  }
+  // The term added to state.
   VSE_HOST_DEVICE void fold(State& state, T score, T z) const {
-    const auto f = softplus_sigmoid(-z * (scale * score + bias));
-    const T d_logit = -z * f.sigmoid;
-    state.loss += f.softplus;
-    state.d_scale += d_logit * score;
-    state.d_bias += d_logit;
+    const Term<T> t = term(score, z);
+    state.loss += t.loss;
+    state.d_scale += t.d_scale;
+    state.d_bias += t.d_bias;
   }
   VSE_HOST_DEVICE void add(State& state, T score, T /*positive*/) const { fold(state, score, T(-1)); }
   VSE_HOST_DEVICE void add_same_label(State& state, T score, T /*positive*/) const { fold(state, score, T(1)); }
@@ -66,8 +101,9 @@ struct SigLipPolicy {
     return total.loss;
   }
   // ∂term/∂S_ij = −z t σ(−z u_ij).
-  VSE_HOST_DEVICE T gradient(T score, T z) const {
-    return -z * scale * softplus_sigmoid(-z * (scale * score + bias)).sigmoid;
+  template <typename V>
+  VSE_HOST_DEVICE V gradient(V score, V z) const {
+    return -z * V(scale) * logistic(-z * (V(scale) * score + V(bias)));
   }
   VSE_HOST_DEVICE T weight(T score, const T* /*saved*/) const { return gradient(score, T(-1)); }
   VSE_HOST_DEVICE T same_label_weight(T score, const T* /*saved*/) const { return gradient(score, T(1)); }
