@@ -6,9 +6,17 @@ torch.compile, memory and bad input. Multi-process runs are in test_distributed.
 
 On simt (and cuda) this runs dense_rows_kernel, dense_columns_kernel, dense_finish_kernel
 and dense_gradient_kernel of csrc/cuda/engine_kernels.cuh with the SigLIP policy, whose
-same-label terms no other policy has (fold_entry, dense_entry_gradient)."""
+same-label terms no other policy has (fold_entry, dense_entry_gradient). On cpu the rows and
+gradient passes evaluate the same terms in vector lanes (cpu/capability/siglip.cpp): tile widths
+around the lane counts, every capability's build, NaN and thread counts are checked below."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +173,106 @@ def test_simt_kernels_match_the_cpu_kernels():
         results.append(forward + backward)
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# The CPU kernels evaluate each row's entries in vector lanes of the CPU capability torch runs
+# with (cpu/capability/siglip.cpp: 4, 8 or 16 entries): tile widths below, at and around those
+# counts, the anchor's own pair at every lane position and outside the tile, labels (same-label
+# pairs are positives), and logits from moderate to ±huge, through the ops' own tile plan.
+LANE_TILES = [(41, 1), (7, 3), (41, 4), (5, 7), (41, 8), (9, 15), (41, 16), (6, 17), (41, 33), (40, 41)]
+# (scale, bias); |t·S + b| up to ~5e4 in float64 only: at t = 1e4 float32's rounding of S alone
+# moves a logit by ~5e-3, beyond float32's tolerance for any kernel.
+LANE_LOGITS = {torch.float64: [(10.0, -10.0), (300.0, -2.0), (1e4, 50.0), (1e4, -50.0)],
+               torch.float32: [(10.0, -10.0), (300.0, -2.0)]}
+
+
+def check_lanes_against_oracle(dtype: torch.dtype, label_kind: str | None, tiles=LANE_TILES) -> None:
+    """The CPU op's loss (a sum) and gradients for every tile shape of `tiles` against the float64
+    oracle on the same (dtype-rounded) inputs."""
+    n = 41
+    img, txt = (x.to(dtype) for x in random_inputs(n, 6, seed=12))
+    labels = make_labels(label_kind, n)
+    lab = torch.empty(0, dtype=torch.int64) if labels is None else labels
+    for scale, bias in LANE_LOGITS[dtype]:
+        t, b = scalars(scale, bias, dtype)
+        want_loss, want_grads = loss_and_grads(oracle(labels=labels, reduction="sum"), img.double(), txt.double(),
+                                               *scalars(scale, bias))
+        for rows, cols in tiles:
+            case = f"{dtype} labels={label_kind} scale={scale} bias={bias} tile={rows}x{cols}"
+            loss, row_saved, col_saved, d_scale, d_bias = torch.ops.vse_cuda.siglip_forward(
+                img, txt, lab, t, b, 0, n, rows, cols)
+            d_img, d_txt = torch.ops.vse_cuda.siglip_backward(torch.tensor(1.0, dtype=loss.dtype), img, txt, lab,
+                                                              t, b, row_saved, col_saved, 0, n, rows, cols)
+            assert_close(loss.double(), want_loss, dtype, f"loss, {case}")
+            for what, got, want in zip(("d img", "d txt", "d scale", "d bias"), (d_img, d_txt, d_scale, d_bias),
+                                       want_grads):
+                assert_close(got.double(), want, dtype, f"{what}, {case}")
+
+
+@pytest.mark.parametrize("label_kind", [None, "random", "same"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_lanes_match_the_oracle(dtype, label_kind):
+    check_lanes_against_oracle(dtype, label_kind)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_cpu_capabilities_match_the_oracle(capability):
+    # Each capability's build of the loops, chosen as torch chooses its own (ATEN_CPU_CAPABILITY),
+    # in a process of its own (the choice is made once per process).
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        if torch.backends.cpu.get_cpu_capability() != {capability.upper()!r}:
+            print("unsupported:", torch.backends.cpu.get_cpu_capability())
+            sys.exit(0)
+        import test_siglip
+        for dtype in (torch.float64, torch.float32):
+            for label_kind in (None, "random"):
+                test_siglip.check_lanes_against_oracle(dtype, label_kind, [(7, 3), (9, 15), (6, 17), (40, 41)])
+        print("ok")
+    """)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    if run.stdout.startswith("unsupported"):
+        pytest.skip(f"this CPU runs torch with {run.stdout.split()[-1]}")
+    assert run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
+def test_nan_propagates_as_in_the_scalar_kernels():
+    # A NaN input entry makes its row and column of S NaN: the vector lanes (cpu) give NaN
+    # exactly where the one-entry-at-a-time kernels (simt) do, and the same values elsewhere.
+    img, txt = random_inputs(37, 5, seed=13)
+    img[3, 1] = float("nan")
+    txt[20, 0] = float("nan")
+    labels = make_labels("pairs", 37)
+    t, b = scalars(10.0, -10.0)
+    results = []
+    for ops in (torch.ops.vse_cuda, torch.ops.vse_simt):
+        forward = ops.siglip_forward(img, txt, labels, t, b, 0, 37, 8, 12)
+        backward = ops.siglip_backward(torch.tensor(1.0, dtype=torch.float64), img, txt, labels, t, b,
+                                       *forward[1:3], 0, 37, 8, 12)
+        results.append(forward + backward)
+    assert torch.isnan(results[0][0])
+    for got, want in zip(*results):
+        assert torch.equal(got.isnan(), want.isnan())
+        torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_bitwise_deterministic_across_thread_counts():
+    img, txt = random_inputs(600, 16, torch.float32, seed=14)
+    fn = ours(lambda: vse_cuda.use_backend("cpu"), labels=make_labels("random", 600), chunk_size=128)
+    t, b = scalars(10.0, -10.0, torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            runs.append(loss_and_grads(fn, img, txt, t, b))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0]) and all(torch.equal(x, y) for x, y in zip(runs[0][1], other[1]))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

@@ -82,16 +82,41 @@ VSE_HOST_DEVICE T softplus(T y) {
   return y > T(0) ? y + math::log1p(math::exp(-y)) : math::log1p(math::exp(y));
 }
 
-// softplus(y) = log(1 + e^y) and σ(y) from one exponential, e^{−|y|}: both stable for any y.
-template <typename T>
-struct SoftplusSigmoid {
-  T softplus, sigmoid;
+// The lane operations of the formulas below on V: here a scalar T, on every backend. The CPU
+// loops of SigLIP (cpu/capability/siglip.cpp) specialize Lanes for ATen's vector of T, so that
+// the same formulas, written once here, evaluate a row of entries at a time there.
+template <typename V>
+struct Lanes {
+  static VSE_HOST_DEVICE V exp(V x) { return math::exp(x); }
+  static VSE_HOST_DEVICE V log1p(V x) { return math::log1p(x); }
+  // x > 0 ? a : b
+  static VSE_HOST_DEVICE V if_positive(V x, V a, V b) { return x > V(0) ? a : b; }
 };
-template <typename T>
-VSE_HOST_DEVICE SoftplusSigmoid<T> softplus_sigmoid(T y) {
-  const T e = math::exp(y > T(0) ? -y : y);
-  const T inverse = T(1) / (T(1) + e);
-  return {(y > T(0) ? y : T(0)) + math::log1p(e), y > T(0) ? inverse : e * inverse};
+
+// softplus(y) = log(1 + e^y) and σ(y) from one exponential, e^{−|y|}: both stable for any y.
+template <typename V>
+struct SoftplusSigmoid {
+  V softplus, sigmoid;
+};
+template <typename V>
+VSE_HOST_DEVICE V exp_minus_abs(V y) {
+  return Lanes<V>::exp(Lanes<V>::if_positive(y, -y, y));
+}
+// σ(y) from e = e^{−|y|}.
+template <typename V>
+VSE_HOST_DEVICE V sigmoid_from(V y, V e) {
+  const V inverse = V(1) / (V(1) + e);
+  return Lanes<V>::if_positive(y, inverse, e * inverse);
+}
+template <typename V>
+VSE_HOST_DEVICE SoftplusSigmoid<V> softplus_sigmoid(V y) {
+  const V e = exp_minus_abs(y);
+  return {Lanes<V>::if_positive(y, y, V(0)) + Lanes<V>::log1p(e), sigmoid_from(y, e)};
+}
+// σ(y) alone (the backward: no logarithm).
+template <typename V>
+VSE_HOST_DEVICE V logistic(V y) {
+  return sigmoid_from(y, exp_minus_abs(y));
 }
 
 // Running log Σ e^x_k with an online maximum and, for terms added with a second value d_k,

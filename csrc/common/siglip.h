@@ -30,13 +30,23 @@ struct SigLipPolicy {
   T scale;
   T bias;
 
-  // The term of entry S_ij with sign z and its derivatives, added to state.
+  // The term of entry S_ij with sign z and its derivatives ∂/∂t, ∂/∂b, on scalars or lanes.
+  template <typename V>
+  struct Term {
+    V loss, d_scale, d_bias;
+  };
+  template <typename V>
+  VSE_HOST_DEVICE Term<V> term(V score, V z) const {
+    const auto f = softplus_sigmoid(-z * (V(scale) * score + V(bias)));
+    const V d_logit = -z * f.sigmoid;
+    return {f.softplus, d_logit * score, d_logit};
+  }
+  // The term added to state.
   VSE_HOST_DEVICE void fold(State& state, T score, T z) const {
-    const auto f = softplus_sigmoid(-z * (scale * score + bias));
-    const T d_logit = -z * f.sigmoid;
-    state.loss += f.softplus;
-    state.d_scale += d_logit * score;
-    state.d_bias += d_logit;
+    const Term<T> t = term(score, z);
+    state.loss += t.loss;
+    state.d_scale += t.d_scale;
+    state.d_bias += t.d_bias;
   }
   VSE_HOST_DEVICE void add(State& state, T score, T /*positive*/) const { fold(state, score, T(-1)); }
   VSE_HOST_DEVICE void add_same_label(State& state, T score, T /*positive*/, int64_t /*anchor*/) const {
@@ -56,8 +66,9 @@ struct SigLipPolicy {
     return total.loss;
   }
   // ∂term/∂S_ij = −z t σ(−z u_ij).
-  VSE_HOST_DEVICE T gradient(T score, T z) const {
-    return -z * scale * softplus_sigmoid(-z * (scale * score + bias)).sigmoid;
+  template <typename V>
+  VSE_HOST_DEVICE V gradient(V score, V z) const {
+    return -z * V(scale) * logistic(-z * (V(scale) * score + V(bias)));
   }
   VSE_HOST_DEVICE T weight(T score, const T* /*saved*/) const { return gradient(score, T(-1)); }
   VSE_HOST_DEVICE T same_label_weight(T score, const T* /*saved*/) const { return gradient(score, T(1)); }

@@ -130,10 +130,10 @@ struct LabelPositivesPolicy {
     return scale * math::exp(scale * ((score - saved[0]) + margin) - saved[1]);
   }
   VSE_HOST_DEVICE T same_label_weight(T score, const T* saved) const {
-    return -scale * softplus_sigmoid(saved[3] + scale * (saved[0] - score)).sigmoid * saved[4];
+    return -scale * logistic(saved[3] + scale * (saved[0] - score)) * saved[4];
   }
   VSE_HOST_DEVICE T diagonal(const T* saved) const {
-    return -scale * softplus_sigmoid(saved[3]).sigmoid * saved[4];
+    return -scale * logistic(saved[3]) * saved[4];
   }
 };
 
