@@ -181,7 +181,8 @@ class LossCase:
     order (the first half images, the second half captions); `bad_inputs` are (overrides of a
     valid call on [4, 5] inputs, error, match) and `bad_keywords` (module keywords, error,
     match); `variants` gives each contract test (by short name) the options it runs the loss
-    with; `memory_calls` are the options of the calls that must stay within chunks;
+    with; `memory_calls` are the options of the calls that must stay within chunks (with
+    ``labelled=True``: five captions per image as labels);
     `simt_inputs` makes the inputs of the worker-count test where random ones do not do."""
 
     name: str
@@ -286,6 +287,7 @@ UNIFIED = LossCase(
     inputs=("img", "txt"),
     module_options=dict(scale=30.0, margin=0.1, normalize=True, reduction="mean"),
     repr_shows=("scale=30.0",),
+    memory_calls=({}, dict(label_positives=True, labelled=True)),
     bad_inputs=[
         *_BAD_PAIR,
         (dict(txt=torch.randn(4, 5).half()), TypeError, "txt"),
